@@ -1,0 +1,176 @@
+"""Score predicted masks against ground-truth masks; write a JSON report and a PR plot.
+
+Predictions and GT are matched by file stem (`0001.png` <-> `0001.png` / `0001.npy`).
+Both folder-based (`sempart eval --pred`) and model-based evaluation feed
+`evaluate_predictions`, so the two give the same numbers for the same probabilities.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from sempart_core.metrics import SODMetrics, resize_prob
+
+logger = logging.getLogger(__name__)
+
+MASK_SUFFIXES = frozenset({".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"})
+PRED_SUFFIXES = MASK_SUFFIXES | {".npy"}
+_MAX_LISTED = 10  # stems named in logs and reports; the counts are always complete
+
+
+def _read_gray(path: Path) -> tuple[np.ndarray, int]:
+    """Decode an image to one channel; return it with its full-scale value (255 or 65535)."""
+    with Image.open(path) as img:
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit PNGs open as I;16 or I depending on Pillow; both hold 0..65535.
+            return np.asarray(img, dtype=np.int64), 65535
+        return np.asarray(img.convert("L")), 255
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a GT mask as bool: values above half scale (> 127 for 8-bit PNGs)."""
+    arr, full = _read_gray(Path(path))
+    return arr > full // 2
+
+
+def read_prediction(path: str | Path) -> np.ndarray:
+    """Read a probability map as float32 in [0, 1]: 8/16-bit image (scaled) or .npy."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        arr = np.load(path, allow_pickle=False)
+        arr = np.squeeze(arr)
+        if arr.ndim != 2:
+            raise ValueError(f"{path}: expected a 2-D probability map, got shape {arr.shape}")
+        if arr.dtype == np.bool_:
+            return arr.astype(np.float32)
+        arr = arr.astype(np.float32)
+        if not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1):
+            raise ValueError(f"{path}: .npy predictions must hold probabilities in [0, 1]")
+        return arr
+    arr, full = _read_gray(path)
+    return arr.astype(np.float32) / np.float32(full)
+
+
+def _index_by_stem(folder: Path, suffixes: frozenset[str], what: str) -> dict[str, Path]:
+    """Map file stem -> path for the files of `folder` with an accepted suffix."""
+    if not folder.is_dir():
+        raise ValueError(f"{what} folder {folder} does not exist or is not a folder")
+    index: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in suffixes:
+            continue
+        if path.stem in index:
+            raise ValueError(
+                f"{what} folder {folder} has two files for '{path.stem}' "
+                f"({index[path.stem].name}, {path.name}); keep one per image"
+            )
+        index[path.stem] = path
+    return index
+
+
+def _match(pred_dir: Path, gt_dir: Path) -> tuple[list[tuple[str, Path, Path]], list[str], int]:
+    """Matched triples, GT stems without a prediction, and the number of predictions."""
+    preds = _index_by_stem(pred_dir, PRED_SUFFIXES, "prediction")
+    gts = _index_by_stem(gt_dir, MASK_SUFFIXES, "ground-truth")
+    pairs = [(stem, preds[stem], gts[stem]) for stem in sorted(gts) if stem in preds]
+    if not pairs:
+        raise ValueError(
+            f"no prediction in {pred_dir} ({len(preds)} files) matches a ground-truth mask "
+            f"in {gt_dir} ({len(gts)} files) by file stem; name each prediction after its "
+            "mask (e.g. 0001.png or 0001.npy for 0001.png)"
+        )
+    missing = sorted(set(gts) - set(preds))
+    if missing:
+        logger.warning(
+            "%d of %d ground-truth masks have no prediction (e.g. %s); they are not scored",
+            len(missing), len(gts), ", ".join(missing[:_MAX_LISTED]),
+        )
+    extra = len(preds) - len(pairs)
+    if extra:
+        logger.info("%d predictions have no ground-truth mask and are ignored", extra)
+    return pairs, missing, len(preds)
+
+
+def match_files(pred_dir: str | Path, gt_dir: str | Path) -> list[tuple[str, Path, Path]]:
+    """(stem, prediction path, GT path) for every GT mask that has a prediction."""
+    return _match(Path(pred_dir), Path(gt_dir))[0]
+
+
+def evaluate_predictions(pairs: Iterable[tuple[str, np.ndarray, np.ndarray]]) -> dict:
+    """Score (stem, probability HxW, GT mask) triples; predictions are resized to the GT.
+
+    Streams: nothing per image is kept, so any iterable (e.g. a model's outputs) works.
+    """
+    metrics = SODMetrics()
+    for stem, prob, gt in pairs:
+        gt = np.asarray(gt)
+        try:
+            metrics.update(resize_prob(prob, gt.shape[:2]), gt)
+        except ValueError as err:
+            raise ValueError(f"image '{stem}': {err}") from err
+    return metrics.result()
+
+
+def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path) -> dict:
+    """Score a folder of predictions against a folder of GT masks; metrics plus counts."""
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    pairs, missing, n_pred = _match(pred_dir, gt_dir)
+    report = evaluate_predictions(
+        (stem, read_prediction(pred_path), read_mask(gt_path)) for stem, pred_path, gt_path in pairs
+    )
+    report.update(
+        pred_dir=str(pred_dir),
+        gt_dir=str(gt_dir),
+        n_gt=len(pairs) + len(missing),
+        n_predictions=n_pred,
+        n_missing=len(missing),
+        missing_examples=missing[:_MAX_LISTED],
+    )
+    return report
+
+
+def write_report(report: dict, json_path: str | Path) -> Path:
+    """Write the report as indented JSON (parent folders created); returns the path."""
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_pr_plot(report: dict, png_path: str | Path) -> Path:
+    """Plot the dataset PR curve, marking the max-F point; returns the path.
+
+    Uses a bare Agg `Figure` (no pyplot) so it works headless and leaves global
+    matplotlib state alone.
+    """
+    path = Path(png_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    precision = np.asarray(report["precision"])
+    recall = np.asarray(report["recall"])
+    best = int(np.argmax(report["f_measure"]))
+
+    fig = Figure(figsize=(5, 5), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(recall, precision, lw=2, label="dataset PR (mean over images)")
+    ax.plot(
+        recall[best], precision[best], "o",
+        label=f"max F at threshold {report['maxF_dataset_threshold']:.3f}",
+    )
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    ax.set_title(
+        f"maxF_dataset {report['maxF_dataset']:.3f} (beta2 {report['maxF_dataset_beta2']:g}), "
+        f"maxF_image {report['maxF_image']:.3f} (beta2 {report['maxF_image_beta2']:g})\n"
+        f"IoU {report['IoU']:.3f}, Acc {report['Acc']:.3f}, n = {report['n_images']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path

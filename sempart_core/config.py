@@ -1,0 +1,138 @@
+"""Configuration dataclasses for SEMPART (see SEMPART.md for what each value means).
+
+Every *tunable* value of the method lives here so that an artifact's `sempart.json`
+records exactly how its model was built and trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class BackboneConfig:
+    """Frozen ViT: a timm model name and where its weights come from."""
+
+    name: str = "vit_small_patch8_224.dino"
+    # "hub" (timm pretrained download), "random" (tests only), or a path / URI to a
+    # DINO .pth, a timm state dict or a .safetensors file.
+    weights: str = "hub"
+    # "keys": keys of the last block's attention (SEMPART); "tokens": forward_features.
+    feature: str = "keys"
+
+
+@dataclass
+class GraphConfig:
+    """Semantic graph W_ij = 1 if cos(F_i, F_j) > tau else eps."""
+
+    tau: float = 0.2
+    eps: float = 1e-5
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the trainable heads."""
+
+    dim: int = 64  # coarse token width (1x1 projection of the backbone features)
+    depth: int = 2  # coarse transformer layers
+    heads: int = 2
+    mlp_ratio: float = 2.0
+    fine_channels: int = 32  # channels of each guided x2 upsampling stage
+    fine_uses_coarse: bool = True  # concatenate the upsampled coarse probability
+
+
+@dataclass
+class LossConfig:
+    """Weights of the four loss terms and their shape parameters."""
+
+    ncut: float = 1.0
+    ftv: float = 1.0
+    itv: float = 1.0
+    dist: float = 1.0
+    border: float = 0.0  # weak prior pushing border patches to background
+    itv_q: int = 2  # 1: total variation proper; 2: squared differences
+    itv_sigma: float = 0.5  # colour scale of the image-graph weights (normalised colours)
+    clamp_eps: float = 1e-4  # y is clamped to [eps, 1 - eps] inside the cut
+
+
+@dataclass
+class DataConfig:
+    """Input size and training augmentation."""
+
+    image_size: int = 320  # shorter side fed to the backbone
+    crop_scale: float = 1.05  # training: resize shorter side to image_size*crop_scale, crop
+    hflip: bool = True
+    color_jitter: float = 0.2
+    grayscale_p: float = 0.05
+
+
+@dataclass
+class PostConfig:
+    """Turning a probability map into a mask, boxes and a score."""
+
+    threshold: float = 0.5
+    min_area_frac: float = 0.001  # components below this share of the image get no box
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and schedule of the training loop."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    batch_size: int = 8
+    steps: int = 40000
+    warmup_steps: int = 100
+    seed: int = 0
+
+
+@dataclass
+class SempartConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    post: PostConfig = field(default_factory=PostConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SempartConfig":
+        """Build from a (possibly partial) nested dict; unknown keys are an error."""
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            section = data.get(f.name) or {}
+            sub_cls = f.default_factory  # type: ignore[misc]
+            known = {g.name for g in dataclasses.fields(sub_cls)}
+            unknown = set(section) - known
+            if unknown:
+                raise ValueError(f"unknown {f.name} option(s): {', '.join(sorted(unknown))}")
+            kwargs[f.name] = sub_cls(**section)
+        unknown_sections = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown_sections:
+            raise ValueError(f"unknown config section(s): {', '.join(sorted(unknown_sections))}")
+        return cls(**kwargs)
+
+
+def load_config(path: str | Path) -> SempartConfig:
+    """Read a YAML or JSON config file (sections may be partial)."""
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    return SempartConfig.from_dict(data or {})
+
+
+def save_config(config: SempartConfig, path: str | Path) -> None:
+    text = (
+        json.dumps(config.to_dict(), indent=2)
+        if str(path).endswith(".json")
+        else yaml.safe_dump(config.to_dict(), sort_keys=False)
+    )
+    Path(path).write_text(text)

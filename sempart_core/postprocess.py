@@ -1,0 +1,188 @@
+"""From a foreground probability map to what a pseudo-label row holds.
+
+Steps (SEMPART.md sections 6 and 7): pick the foreground side of the symmetric cut
+(border rule), threshold the fine map, find connected components and their boxes,
+score the partition, and encode the mask as COCO RLE.
+
+Box convention (used by every box in this project): ``[x1, y1, x2, y2]`` in pixels of
+the original image, with ``x2``/``y2`` exclusive. Pixel ``(row r, col c)`` covers the
+unit square ``[c, c + 1) x [r, r + 1)``, so a component spanning columns ``c0..c1`` and
+rows ``r0..r1`` has box ``[c0, r0, c1 + 1, r1 + 1]``; ``x2 - x1`` is the number of
+columns it spans. The COCO ``bbox`` is then ``[x1, y1, x2 - x1, y2 - y1]``, exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from scipy import ndimage
+
+from sempart_core.config import PostConfig
+
+# 8-connectivity: diagonal neighbours belong to the same component.
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+@dataclass
+class Prediction:
+    """One image's result, at the image's original size.
+
+    ``box`` is the largest component's box (present whenever there is foreground, even
+    if that component is below the minimum area); ``boxes`` holds every component whose
+    area reaches the minimum, largest first. ``ncut`` is carried as computed by the
+    graph code for the final partition.
+    """
+
+    prob: np.ndarray  # H x W float32 in [0, 1], foreground probability
+    mask: np.ndarray  # H x W bool
+    box: list[float] | None
+    boxes: list[list[float]] = field(default_factory=list)
+    score: float = 0.0
+    ncut: float = float("nan")
+
+    @property
+    def status(self) -> str:
+        """``"ok"`` when the mask has foreground, ``"empty"`` otherwise."""
+        return "ok" if bool(self.mask.any()) else "empty"
+
+    @property
+    def mask_area(self) -> int:
+        """Number of foreground pixels."""
+        return int(np.count_nonzero(self.mask))
+
+    def rle(self) -> dict[str, Any]:
+        """COCO compressed RLE of the mask (``{"size": [h, w], "counts": str}``)."""
+        return mask_to_rle(self.mask)
+
+
+def border_flip(y: torch.Tensor) -> torch.Tensor:
+    """Which images must be flipped so that the foreground is the border's minority.
+
+    The cut is symmetric in ``y`` and ``1 - y``; the side that holds most of the image
+    border is taken as background. ``y`` is ``[B, h, w]`` foreground probabilities
+    (the coarse map). Returns bool ``[B]``: True where the mean of ``y`` over the border
+    patches (each counted once) exceeds 0.5. A tie (exactly 0.5) keeps ``y`` as it is.
+    """
+    if y.ndim != 3:
+        raise ValueError(f"border_flip expects [B, h, w], got shape {tuple(y.shape)}")
+    _, h, w = y.shape
+    border = torch.zeros(h, w, dtype=torch.bool, device=y.device)
+    border[0, :] = border[-1, :] = True
+    border[:, 0] = border[:, -1] = True
+    border_mean = y.detach()[:, border].float().mean(dim=1)
+    return border_mean > 0.5
+
+
+def _flip_where(y: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """``1 - y`` for the images where ``flip`` is True; keeps autograd intact."""
+    flip = flip.view(-1, *([1] * (y.ndim - 1)))
+    return torch.where(flip, 1 - y, y)
+
+
+def apply_foreground_rule(
+    y_coarse: torch.Tensor, y_fine: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip coarse ``[B, h, w]`` and fine ``[B, H, W]`` maps together, per image.
+
+    The decision comes from the coarse map only, so both branches always agree on which
+    side is the foreground, in training, evaluation and labelling alike.
+    """
+    if y_fine.shape[0] != y_coarse.shape[0]:
+        raise ValueError(
+            f"batch sizes differ: coarse {y_coarse.shape[0]} vs fine {y_fine.shape[0]}"
+        )
+    flip = border_flip(y_coarse)
+    return _flip_where(y_coarse, flip), _flip_where(y_fine, flip)
+
+
+def connected_boxes(
+    mask: np.ndarray, min_area: int
+) -> tuple[list[float] | None, list[list[float]]]:
+    """Boxes of the 8-connected components of ``mask``.
+
+    Returns ``(main_box, boxes)``: ``main_box`` is the largest component's box (None only
+    when the mask is empty); ``boxes`` are the components with area ``>= min_area``,
+    largest first (ties in scan order). Boxes follow the module's exclusive ``xyxy``
+    convention.
+    """
+    labels, count = ndimage.label(np.asarray(mask, dtype=bool), structure=_EIGHT_CONNECTED)
+    if count == 0:
+        return None, []
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    slices = ndimage.find_objects(labels)
+    order = np.argsort(-areas, kind="stable")
+
+    def box_of(index: int) -> list[float]:
+        rows, cols = slices[index]
+        return [float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)]
+
+    main_box = box_of(int(order[0]))
+    boxes = [box_of(int(i)) for i in order if areas[i] >= min_area]
+    return main_box, boxes
+
+
+def confidence_score(prob: np.ndarray, ncut: float) -> float:
+    """Confidence in ``[0, 1]`` that the map is a clean foreground/background split.
+
+    ``score = sqrt(decisiveness * cut_quality)`` (geometric mean: both must hold) with
+
+    - ``decisiveness = mean(|2p - 1|)`` over all pixels: 1 when every pixel is 0 or 1,
+      0 when the map is uniformly 0.5;
+    - ``cut_quality = 1 - clip(ncut, 0, 1)``: a two-way normalised cut lies in
+      ``[0, 2]``; a random split scores about 1 and a perfect one 0, so anything no
+      better than random gets quality 0. A non-finite ``ncut`` (an undefined cut, e.g.
+      one empty side) also gets 0.
+    """
+    ncut = float(ncut)
+    p = np.asarray(prob, dtype=np.float32)
+    decisiveness = float(np.abs(2.0 * p - 1.0).mean(dtype=np.float64)) if p.size else 0.0
+    decisiveness = min(max(decisiveness, 0.0), 1.0)
+    cut_quality = 1.0 - min(max(ncut, 0.0), 1.0) if math.isfinite(ncut) else 0.0
+    return math.sqrt(decisiveness * cut_quality)
+
+
+def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO compressed RLE (column-major), counts as a UTF-8 string for Parquet/JSON."""
+    binary = np.asfortranarray(np.asarray(mask, dtype=bool).astype(np.uint8))
+    encoded = mask_utils.encode(binary)
+    return {"size": [int(s) for s in encoded["size"]], "counts": encoded["counts"].decode("utf-8")}
+
+
+def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
+    """Decode a COCO compressed RLE whose counts are ``str`` or ``bytes`` to a bool mask."""
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("utf-8")
+    size = [int(s) for s in rle["size"]]
+    return mask_utils.decode({"size": size, "counts": counts}).astype(bool)
+
+
+def postprocess(prob: np.ndarray, ncut: float, config: PostConfig) -> Prediction:
+    """Threshold a fine probability map (already at the original size) into a Prediction.
+
+    ``mask = prob > config.threshold``; components smaller than
+    ``config.min_area_frac * H * W`` pixels (at least 1) get no entry in ``boxes``.
+    """
+    p = np.asarray(prob, dtype=np.float32)
+    if p.ndim != 2:
+        raise ValueError(f"postprocess expects an H x W map, got shape {p.shape}")
+    if not np.isfinite(p).all():
+        raise ValueError("probability map has non-finite values (NaN or inf)")
+    height, width = p.shape
+    mask = p > config.threshold
+    # The small tolerance keeps float noise (0.001 * 300 * 300 = 90.00000000000001)
+    # from raising the minimum by one pixel.
+    min_area = max(1, math.ceil(config.min_area_frac * height * width - 1e-9))
+    box, boxes = connected_boxes(mask, min_area)
+    return Prediction(
+        prob=p,
+        mask=mask,
+        box=box,
+        boxes=boxes,
+        score=confidence_score(p, ncut),
+        ncut=float(ncut),
+    )

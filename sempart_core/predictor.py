@@ -1,0 +1,167 @@
+"""Images in, masks and boxes out: `load_predictor(uri).predict(list of RGB arrays)`.
+
+Prediction is split in three steps so that the labelling pipeline can run each where
+it belongs: `prepare` (CPU: resize to the backbone's input), `infer` (GPU: backbone,
+heads, foreground rule, ncut, on a batch of equal-sized inputs) and `finish` (CPU:
+resize to the original size, threshold, boxes, score). `predict` chains them.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .artifact import LoadedArtifact, read_artifact
+from .backbone import Backbone, build_backbone, create_vit
+from .config import SempartConfig
+from .graph import affinity
+from .losses import expected_ncut
+from .model import SempartHeads
+from .postprocess import Prediction, apply_foreground_rule, postprocess
+from .tokencut import tokencut_partition, upsample_patch_mask
+from .training import to_model_input
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("sempart", "tokencut")
+# The longer side is capped at this many times the shorter one (panoramas).
+MAX_ASPECT = 4.0
+
+
+def input_shape(height: int, width: int, image_size: int, patch: int) -> tuple[int, int]:
+    """Backbone input size for an image: shorter side ~image_size, both multiples of p.
+
+    Each side is scaled by the same factor, then rounded to the nearest multiple of the
+    patch (an aspect change below half a patch) instead of being padded: padding would
+    add tokens that are not part of the image to the semantic graph.
+    """
+    scale = image_size / min(height, width)
+    h, w = height * scale, width * scale
+    cap = image_size * MAX_ASPECT
+    h, w = min(h, cap), min(w, cap)
+    return max(patch, round(h / patch) * patch), max(patch, round(w / patch) * patch)
+
+
+@dataclass
+class RawPrediction:
+    """Output of `infer` for one image: fine probability at the input size and ncut."""
+
+    prob: np.ndarray  # float32 [h_in, w_in]
+    ncut: float
+
+
+class Predictor:
+    """A backbone and trained heads (or TokenCut on the same backbone) for inference."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        heads: SempartHeads | None,
+        config: SempartConfig,
+        device: str | torch.device = "cpu",
+        method: str = "sempart",
+        model_id: str = "",
+        meta: dict | None = None,
+        batch_size: int = 8,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        if method == "sempart" and heads is None:
+            raise ValueError("method 'sempart' needs trained heads")
+        self.device = torch.device(device)
+        self.backbone = backbone.to(self.device).eval()
+        self.heads = heads.to(self.device).eval() if heads is not None else None
+        self.config = config
+        self.method = method
+        self.model_id = model_id
+        self.meta = meta or {}
+        self.batch_size = batch_size
+        # bf16 on GPU: the backbone dominates the cost; graph and losses stay float32.
+        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+
+    @property
+    def patch(self) -> int:
+        return self.backbone.patch_size
+
+    def prepare(self, rgb: np.ndarray) -> np.ndarray:
+        """RGB uint8 [H, W, 3] at any size -> uint8 [h_in, w_in, 3] for `infer`."""
+        h, w = input_shape(rgb.shape[0], rgb.shape[1], self.config.data.image_size, self.patch)
+        if (h, w) == rgb.shape[:2]:
+            return rgb
+        return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+
+    @torch.inference_mode()
+    def infer(self, batch: np.ndarray) -> list[RawPrediction]:
+        """Equal-sized prepared images [B, h_in, w_in, 3] -> foreground maps and ncut."""
+        x = to_model_input(batch, self.backbone.mean, self.backbone.std, self.device)
+        grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
+            feats = self.backbone(x)
+            if self.method == "tokencut":
+                coarse, ncut = tokencut_partition(feats, grid, self.config.graph.tau, self.config.graph.eps)
+                fine = upsample_patch_mask(coarse, tuple(x.shape[-2:]))
+            else:
+                out = self.heads(feats, x)
+                coarse, fine = apply_foreground_rule(out.coarse, out.fine)
+                w = affinity(feats, self.config.graph.tau, self.config.graph.eps)
+                hard = (coarse > 0.5).float().flatten(1)
+                ncut = expected_ncut(hard, w, clamp_eps=1e-6)
+        fine = fine.float().cpu().numpy()
+        ncut = ncut.float().cpu().numpy()
+        return [RawPrediction(prob=p, ncut=float(n)) for p, n in zip(fine, ncut)]
+
+    def finish(self, raw: RawPrediction, height: int, width: int) -> Prediction:
+        """Resize the map to the original image size and post-process it."""
+        prob = torch.from_numpy(raw.prob)[None, None]
+        if prob.shape[-2:] != (height, width):
+            prob = F.interpolate(prob, size=(height, width), mode="bilinear", align_corners=False)
+        return postprocess(prob[0, 0].clamp_(0, 1).numpy(), raw.ncut, self.config.post)
+
+    def predict(self, images: list[np.ndarray]) -> list[Prediction]:
+        """Predictions for RGB uint8 images of any sizes, each at its own size.
+
+        Images are grouped by input size and run in batches of `batch_size`.
+        """
+        prepared = [self.prepare(im) for im in images]
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, p in enumerate(prepared):
+            groups[p.shape[:2]].append(i)
+        results: list[Prediction | None] = [None] * len(images)
+        for idx in groups.values():
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                raws = self.infer(np.stack([prepared[i] for i in chunk]))
+                for i, raw in zip(chunk, raws):
+                    results[i] = self.finish(raw, *images[i].shape[:2])
+        return results  # type: ignore[return-value]
+
+
+def predictor_from_artifact(
+    art: LoadedArtifact, device: str | torch.device = "cpu", method: str = "sempart", batch_size: int = 8
+) -> Predictor:
+    """Rebuild backbone and heads from a read artifact."""
+    cfg = art.config
+    if art.backbone_state is not None:
+        vit = create_vit(cfg.backbone.name, image_size=cfg.data.image_size)
+        vit.load_state_dict(art.backbone_state)
+        backbone = Backbone(vit, cfg.backbone.feature)
+    else:
+        backbone = build_backbone(cfg.backbone, cfg.data.image_size)
+    heads = SempartHeads(backbone.feature_dim, backbone.patch_size, cfg.model)
+    heads.load_state_dict(art.heads_state)
+    if art.meta.get("random_backbone"):
+        logger.warning("model %s uses a RANDOM backbone (tests/demo only)", art.model_id[:12])
+    return Predictor(backbone, heads, cfg, device, method, art.model_id, art.meta, batch_size)
+
+
+def load_predictor(
+    location: str, device: str | torch.device = "cpu", method: str = "sempart", batch_size: int = 8
+) -> Predictor:
+    """Load a model artifact (local folder, file:// or s3:// URI) for inference."""
+    return predictor_from_artifact(read_artifact(location), device, method, batch_size)
