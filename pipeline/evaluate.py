@@ -135,6 +135,41 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path) -> dict:
     return report
 
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+
+
+def _model_pairs(predictor, images_dir: Path, gt_dir: Path, limit: int | None):
+    """(stem, probability, GT) for every image with a GT mask, predicted in batches."""
+    from sempart_core.images import decode_image
+
+    gts = _index_by_stem(gt_dir, MASK_SUFFIXES, "ground-truth mask")
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in gts)
+    if not images:
+        raise ValueError(f"no image in {images_dir} has a mask of the same name in {gt_dir}")
+    images = images[:limit] if limit else images
+    step = predictor.batch_size * 4
+    for start in range(0, len(images), step):
+        chunk = images[start : start + step]
+        preds = predictor.predict([decode_image(p.read_bytes()) for p in chunk])
+        for path, pred in zip(chunk, preds):
+            yield path.stem, pred.prob, read_mask(gts[path.stem])
+        logger.info("evaluated %d/%d images", start + len(chunk), len(images))
+
+
+def evaluate_model(predictor, images_dir: str | Path, gt_dir: str | Path, limit: int | None = None) -> dict:
+    """Predict every image that has a GT mask and score the fine probability maps."""
+    images_dir, gt_dir = Path(images_dir), Path(gt_dir)
+    report = evaluate_predictions(_model_pairs(predictor, images_dir, gt_dir, limit))
+    report.update(
+        images_dir=str(images_dir),
+        gt_dir=str(gt_dir),
+        method=predictor.method,
+        model_id=predictor.model_id,
+        random_backbone=bool(predictor.meta.get("random_backbone", False)),
+    )
+    return report
+
+
 def write_report(report: dict, json_path: str | Path) -> Path:
     """Write the report as indented JSON (parent folders created); returns the path."""
     path = Path(json_path)

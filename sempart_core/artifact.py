@@ -50,6 +50,21 @@ class ArtifactMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def meta_for_backbone(backbone: torch.nn.Module, **fields: Any) -> ArtifactMeta:
+    """Artifact metadata from a built backbone's provenance (see backbone.build_backbone).
+
+    Hub weights are a named public checkpoint and stay out of the artifact; random and
+    file weights go in, so that the artifact alone reproduces the predictions.
+    """
+    return ArtifactMeta(
+        random_backbone=backbone.random_weights,
+        weights_source=backbone.weights_source,
+        weights_sha256=backbone.weights_sha256,
+        backbone_in_artifact=not backbone.weights_source.startswith("timm:"),
+        **fields,
+    )
+
+
 def save_artifact(
     out: str,
     config: SempartConfig,
