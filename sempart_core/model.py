@@ -18,6 +18,8 @@ class CoarseBranch(nn.Module):
 
     def __init__(self, in_dim: int, cfg: ModelConfig):
         super().__init__()
+        # Backbone features vary in scale across models and layers; normalise first.
+        self.in_norm = nn.LayerNorm(in_dim)
         self.proj = nn.Linear(in_dim, cfg.dim)
         layer = nn.TransformerEncoderLayer(
             d_model=cfg.dim,
@@ -34,7 +36,7 @@ class CoarseBranch(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats [B, N, C] -> (tokens [B, N, dim], logits [B, N])."""
-        tokens = self.norm(self.encoder(self.proj(feats)))
+        tokens = self.norm(self.encoder(self.proj(self.in_norm(feats))))
         return tokens, self.head(tokens).squeeze(-1)
 
 

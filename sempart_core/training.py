@@ -53,7 +53,9 @@ def augment(rgb: np.ndarray, cfg: DataConfig, patch: int, rng: np.random.Generat
 
 def to_model_input(batch: torch.Tensor | np.ndarray, mean, std, device=None) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] on `device`."""
-    x = torch.as_tensor(batch).to(device=device, non_blocking=True)
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(np.require(batch, requirements="W"))  # copies read-only arrays only
+    x = batch.to(device=device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
