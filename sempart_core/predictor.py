@@ -18,7 +18,7 @@ from PIL import Image
 
 from .artifact import LoadedArtifact, read_artifact
 from .backbone import Backbone, build_backbone, create_vit
-from .config import SempartConfig
+from .config import PostConfig, SempartConfig
 from .graph import affinity
 from .losses import expected_ncut
 from .model import SempartHeads
@@ -53,6 +53,27 @@ class RawPrediction:
 
     prob: np.ndarray  # float32 [h_in, w_in]
     ncut: float
+
+
+def prepare_image(rgb: np.ndarray, image_size: int, patch: int) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> the backbone's input [h_in, w_in, 3] (see `input_shape`).
+
+    A function of the config alone, so that CPU workers of the labelling pipeline can
+    prepare images without loading the model.
+    """
+    h, w = input_shape(rgb.shape[0], rgb.shape[1], image_size, patch)
+    if (h, w) == rgb.shape[:2]:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+
+
+def finish_raw(raw: RawPrediction, height: int, width: int, post: PostConfig) -> Prediction:
+    """Resize an `infer` map to the original image size and post-process it (no model
+    needed: CPU workers of the labelling pipeline run this after GPU inference)."""
+    prob = torch.from_numpy(raw.prob)[None, None]
+    if prob.shape[-2:] != (height, width):
+        prob = F.interpolate(prob, size=(height, width), mode="bilinear", align_corners=False)
+    return postprocess(prob[0, 0].clamp_(0, 1).numpy(), raw.ncut, post)
 
 
 class Predictor:
@@ -90,10 +111,7 @@ class Predictor:
 
     def prepare(self, rgb: np.ndarray) -> np.ndarray:
         """RGB uint8 [H, W, 3] at any size -> uint8 [h_in, w_in, 3] for `infer`."""
-        h, w = input_shape(rgb.shape[0], rgb.shape[1], self.config.data.image_size, self.patch)
-        if (h, w) == rgb.shape[:2]:
-            return rgb
-        return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+        return prepare_image(rgb, self.config.data.image_size, self.patch)
 
     @torch.inference_mode()
     def infer(self, batch: np.ndarray) -> list[RawPrediction]:
@@ -118,10 +136,7 @@ class Predictor:
 
     def finish(self, raw: RawPrediction, height: int, width: int) -> Prediction:
         """Resize the map to the original image size and post-process it."""
-        prob = torch.from_numpy(raw.prob)[None, None]
-        if prob.shape[-2:] != (height, width):
-            prob = F.interpolate(prob, size=(height, width), mode="bilinear", align_corners=False)
-        return postprocess(prob[0, 0].clamp_(0, 1).numpy(), raw.ncut, self.config.post)
+        return finish_raw(raw, height, width, self.config.post)
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Predictions for RGB uint8 images of any sizes, each at its own size.

@@ -1,0 +1,215 @@
+"""List a folder or an S3 prefix once into a manifest Parquet (uri, image_id, size, etag).
+
+Listing a bucket of millions of keys is slow and must not be repeated by every reader,
+nor held in memory: keys are streamed page by page (S3 `ListObjectsV2`, 1000 per page;
+local `os.scandir`, one folder at a time) into a ParquetWriter that flushes every
+`chunk_rows` rows. The labelling pipeline then reads images by manifest rows.
+
+A manifest is also the unit of exactly-once labelling: its row order is fixed once
+written, so "rows [a, b)" names the same images on every resume.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.schema import image_id_for
+from pipeline.storage import is_s3, pyarrow_filesystem, redact
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm"})
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("size", pa.int64()),  # bytes; null when unknown (a list of URIs)
+        pa.field("etag", pa.string()),  # S3 ETag; null for local files
+        pa.field("mtime", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+DEFAULT_CHUNK_ROWS = 8192  # rows per flush and per row group
+
+
+def is_image_name(name: str) -> bool:
+    """Image extension, and not a hidden or temporary file ('.' or '_' prefix)."""
+    base = name.rsplit("/", 1)[-1]
+    return not base.startswith((".", "_")) and os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _row(uri: str, size: int | None, etag: str | None, mtime: datetime | None) -> dict:
+    return {"uri": uri, "image_id": image_id_for(uri), "size": size, "etag": etag, "mtime": mtime}
+
+
+def list_local(root: str) -> Iterator[dict]:
+    """Image files under `root`, recursively, in sorted order (one folder in memory)."""
+    stack = [os.path.abspath(root)]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        subfolders = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if not entry.name.startswith((".", "_")):
+                    subfolders.append(entry.path)
+            elif entry.is_file() and is_image_name(entry.name):
+                st = entry.stat()
+                mtime = datetime.fromtimestamp(st.st_mtime, tz=timezone.utc)
+                yield _row(entry.path, st.st_size, None, mtime)
+        stack.extend(reversed(subfolders))  # depth-first, in name order
+
+
+def _s3_client():
+    """boto3 client from the same settings as storage.pyarrow_s3 (endpoint, region, anon)."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    config = Config(signature_version=UNSIGNED) if os.environ.get("SEMPART_S3_ANON") == "1" else None
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+def list_s3(prefix_uri: str, page_size: int = 1000) -> Iterator[dict]:
+    """Image objects under an s3:// prefix, streamed page by page (key order)."""
+    parsed = urlparse(prefix_uri)
+    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"  # a folder: s3://b/img must not match s3://b/img2/...
+    pages = _s3_client().get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
+    )
+    for page in pages:
+        for obj in page.get("Contents", []):
+            if is_image_name(obj["Key"]):
+                uri = f"{parsed.scheme}://{bucket}/{obj['Key']}"
+                yield _row(uri, int(obj["Size"]), obj["ETag"].strip('"'), obj["LastModified"])
+
+
+def list_images(src: str) -> Iterator[dict]:
+    """Manifest rows of the images under a local folder, file:// URI or s3:// prefix."""
+    if is_s3(src):
+        return list_s3(src)
+    fs, path = pyarrow_filesystem(src)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no such folder: {redact(src)}")
+    return list_local(path)
+
+
+def read_uri_list(src: str) -> Iterator[dict]:
+    """Manifest rows from a text file of URIs, one per line ('#' comments, blanks skipped).
+
+    Relative local paths are taken relative to the list's folder.
+    """
+    fs, path = pyarrow_filesystem(src)
+    base = os.path.dirname(path) if not is_s3(src) else None
+    with fs.open_input_stream(path) as raw, io.TextIOWrapper(raw, encoding="utf-8") as lines:
+        for line in lines:
+            uri = line.strip()
+            if not uri or uri.startswith("#"):
+                continue
+            if base is not None and "://" not in uri and not os.path.isabs(uri):
+                uri = os.path.normpath(os.path.join(base, uri))
+            yield _row(uri, None, None, None)
+
+
+def write_manifest(rows: Iterable[dict], out: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> int:
+    """Stream rows into a Parquet manifest at `out` (path or URI); returns the row count.
+
+    Readers never see a partial manifest: a local file is written under a temporary
+    name and renamed; an S3 object appears only when its upload completes.
+    """
+    fs, path = pyarrow_filesystem(out)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    target = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp" if local else path
+    if local:
+        fs.create_dir(os.path.dirname(path), recursive=True)
+    count = 0
+    try:
+        with fs.open_output_stream(target) as stream, pq.ParquetWriter(
+            stream, MANIFEST_SCHEMA, compression="zstd"
+        ) as writer:
+            buffer: list[dict] = []
+            for row in rows:
+                buffer.append(row)
+                if len(buffer) >= chunk_rows:
+                    writer.write_table(pa.Table.from_pylist(buffer, schema=MANIFEST_SCHEMA))
+                    count += len(buffer)
+                    buffer.clear()
+            if buffer or count == 0:
+                writer.write_table(pa.Table.from_pylist(buffer, schema=MANIFEST_SCHEMA))
+                count += len(buffer)
+        if local:
+            fs.move(target, path)
+    except BaseException:
+        if local and fs.get_file_info(target).type == pafs.FileType.File:
+            fs.delete_file(target)
+        raise
+    logger.info("manifest: %d images -> %s", count, redact(out))
+    return count
+
+
+def build_manifest(src: str, out: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> int:
+    """`sempart manifest SRC --out M.parquet`: list a folder/prefix into a manifest."""
+    return write_manifest(list_images(src), out, chunk_rows)
+
+
+def source_kind(src: str) -> str:
+    """'folder' (folder or prefix), 'manifest' (.parquet file) or 'list' (text of URIs)."""
+    fs, path = pyarrow_filesystem(src)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return "manifest" if path.lower().endswith(".parquet") else "list"
+    if info.type == pafs.FileType.Directory or (is_s3(src) and info.type == pafs.FileType.NotFound):
+        return "folder"  # an S3 prefix with no marker object reads as NotFound
+    raise FileNotFoundError(f"no such file or folder: {redact(src)}")
+
+
+def manifest_rows(manifest: str) -> int:
+    """Row count from the Parquet footer (no data read)."""
+    fs, path = pyarrow_filesystem(manifest)
+    with fs.open_input_file(path) as f:
+        meta = pq.ParquetFile(f).metadata
+        if "uri" not in meta.schema.names:
+            raise ValueError(f"manifest {redact(manifest)} has no 'uri' column")
+        return meta.num_rows
+
+
+def read_manifest_slice(manifest: str, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a manifest as (row, uri, image_id), reading only the row
+    groups that overlap them. `image_id` is sha1(uri) where the manifest has none."""
+    fs, path = pyarrow_filesystem(manifest)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        columns = [c for c in ("uri", "image_id") if c in pf.schema_arrow.names]
+        groups, first, offset = [], None, 0
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(i)
+                first = offset if first is None else first
+            offset += n
+        if not groups:
+            table = pa.table({c: pa.array([], pa.string()) for c in columns})
+        else:
+            table = pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+    uris = table.column("uri").cast(pa.string())
+    if "image_id" in columns:
+        ids = table.column("image_id").cast(pa.string())
+    else:
+        ids = pa.array([image_id_for(u) for u in uris.to_pylist()], pa.string())
+    rows = pa.array(range(start, start + len(uris)), pa.int64())
+    return pa.table({"row": rows, "uri": uris, "image_id": ids})
