@@ -1,0 +1,78 @@
+"""benchmarks/latency.py runs end to end at its smallest settings (no timing asserts)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sempart_core.graph import affinity
+from sempart_core.synthetic import synthetic_scene
+from sempart_core.tokencut import fiedler_vector
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "latency.py"
+KEYS = {
+    "ours_ms", "baseline_ms", "ratio", "ours_min_ms", "baseline_min_ms", "backbone",
+    "image_size", "device", "threads", "weights", "random_weights", "n_images", "eigensolver", "backbone_only_ms",
+    "heads_only_ms", "graph_ms", "eigen_ms", "eigen_scipy_ms", "post_ms",
+}
+
+
+def _load_bench() -> ModuleType:
+    """benchmarks/ is a folder of scripts, not a package: import the file by path."""
+    spec = importlib.util.spec_from_file_location("latency_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+latency = _load_bench()
+
+
+def test_main_ends_with_json_line_of_figures(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for i in range(2):
+        Image.fromarray(synthetic_scene(i, (48, 64))[0]).save(tmp_path / f"{i}.png")
+    threads = torch.get_num_threads()
+    try:
+        code = latency.main([
+            "--backbone", "vit_tiny_patch16_224", "--image-size", "32", "--n", "2",
+            "--images", str(tmp_path), "--repeats", "1", "--warmup", "0", "--threads", "1",
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert code == 0
+    assert KEYS <= figures.keys()
+    assert figures["backbone"] == "vit_tiny_patch16_224"
+    assert (figures["image_size"], figures["n_images"], figures["device"]) == (32, 2, "cpu")
+    assert figures["random_weights"] is True and "RANDOM weights" in out
+    assert all(figures[k] > 0 for k in KEYS if k.endswith("_ms"))
+    assert figures["ratio"] == pytest.approx(figures["baseline_ms"] / figures["ours_ms"], rel=1e-3)
+    assert figures["ours_min_ms"] <= figures["ours_ms"]
+    assert figures["baseline_min_ms"] <= figures["baseline_ms"]
+
+
+def test_scipy_reference_solves_the_same_eigenproblem() -> None:
+    """The timed TokenCut reference solve gives our Fiedler vector (up to sign)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(2, 16))
+    feats = centres[rng.integers(0, 2, size=40)] + 0.8 * rng.normal(size=(40, 16))
+    w = affinity(torch.from_numpy(feats)[None].float())
+    ours = fiedler_vector(w)[0].numpy()
+    reference = latency.scipy_fiedler(w)
+    cosine = ours @ reference / (np.linalg.norm(ours) * np.linalg.norm(reference))
+    assert abs(cosine) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_synthetic_images_when_no_folder() -> None:
+    images = latency.load_images(latency.SYNTHETIC, 2)
+    assert [im.shape for im in images] == [(*latency.SYNTHETIC_SIZE, 3)] * 2
+    assert not np.array_equal(images[0], images[1])
