@@ -123,5 +123,150 @@ def eval_cmd(
     typer.echo(json.dumps(scalars, indent=2))
 
 
+@app.command("query")
+@user_errors
+def query_cmd(
+    out: str = typer.Argument(..., help="The --out of `sempart label` (path or s3:// URI)."),
+    sql: str = typer.Argument(..., help='One SELECT over the table named labels, e.g. "SELECT status, count(*) FROM labels GROUP BY 1".'),
+    fmt: str = typer.Option("table", "--format", help="table | csv | json (JSON Lines, one object per row)."),
+    limit: Optional[int] = typer.Option(None, help="Return at most N rows."),
+    s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help="S3 endpoint URL (else AWS_ENDPOINT_URL)."),
+    s3_anon: bool = typer.Option(False, "--s3-anon", help="Anonymous S3 access."),
+) -> None:
+    """Run read-only SQL over the labels table with DuckDB (no extension downloads)."""
+    from pipeline.query import format_table, query_batches, run_query, write_csv, write_json_lines
+    from pipeline.storage import configure_s3
+
+    if fmt not in ("table", "csv", "json"):
+        raise UsageError(f"--format must be table, csv or json, got {fmt!r}")
+    configure_s3(s3_endpoint, s3_anon)
+    if fmt == "table":
+        typer.echo(format_table(run_query(out, sql, limit=limit)))
+        return
+    if limit is not None:
+        batches = iter(run_query(out, sql, limit=limit).to_batches())
+    else:
+        batches = query_batches(out, sql)
+    if fmt == "csv":
+        write_csv(batches, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    else:
+        write_json_lines(batches, sys.stdout)
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    out: str = typer.Argument(..., help="The --out of `sempart label` (path or s3:// URI)."),
+    coco: Optional[Path] = typer.Option(None, "--coco", help="Write COCO instances JSON to this file."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Write one PNG mask per image into this folder."),
+    gallery: Optional[Path] = typer.Option(None, "--gallery", help="Write an HTML review gallery into this folder."),
+    where: Optional[str] = typer.Option(None, "--where", help='SQL predicate on the labels table, e.g. "score > 0.8".'),
+    s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help="S3 endpoint URL (else AWS_ENDPOINT_URL)."),
+    s3_anon: bool = typer.Option(False, "--s3-anon", help="Anonymous S3 access."),
+) -> None:
+    """Export labels as COCO JSON, PNG masks or an HTML gallery (each given target in turn)."""
+    from pipeline.export import export_coco, export_gallery, export_masks
+    from pipeline.storage import configure_s3
+
+    targets = [(fn, dest) for fn, dest in ((export_coco, coco), (export_masks, masks), (export_gallery, gallery)) if dest]
+    if not targets:
+        raise UsageError("give --coco FILE.json, --masks DIR or --gallery DIR")
+    configure_s3(s3_endpoint, s3_anon)
+    for fn, dest in targets:
+        typer.echo(fn(out, dest, where=where).line())
+
+
+S3_ENDPOINT_HELP = "S3 endpoint URL (else AWS_ENDPOINT_URL)."
+S3_ANON_HELP = "Read S3 without credentials (public buckets)."
+
+
+@app.command("manifest")
+@user_errors
+def manifest_cmd(
+    src: str = typer.Argument(..., help="Folder, file:// or s3:// prefix of images."),
+    out: str = typer.Option(..., "--out", help="Manifest Parquet to write (path or s3:// URI)."),
+    s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help=S3_ENDPOINT_HELP),
+    s3_anon: bool = typer.Option(False, "--s3-anon", help=S3_ANON_HELP),
+) -> None:
+    """List images once (paginated, streamed) into a manifest: uri, image_id, size, etag."""
+    from pipeline.manifest import build_manifest
+    from pipeline.storage import configure_s3, redact
+
+    configure_s3(s3_endpoint, s3_anon)
+    count = build_manifest(src, out)
+    typer.echo(f"manifest: {count} images -> {redact(out)}")
+
+
+@app.command("label")
+@user_errors
+def label_cmd(
+    model: str = typer.Option(..., "--model", help="Model folder or URI."),
+    input: str = typer.Option(..., "--input", help="Folder/prefix of images, manifest .parquet, or text file of URIs."),
+    out: str = typer.Option(..., "--out", help="Output folder/prefix; the table is OUT/part-*.parquet."),
+    resume: bool = typer.Option(False, "--resume", help="Finish the interrupted run in OUT."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per model call."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="Inference actors (default: one per GPU, or 1)."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="One GPU per actor (default: if the cluster has GPUs)."),
+    rows_per_file: Optional[int] = typer.Option(None, "--rows-per-file", help="Rows per Parquet file (default: 1000)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Label only the first N images of the input."),
+    s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help=S3_ENDPOINT_HELP),
+    s3_anon: bool = typer.Option(False, "--s3-anon", help=S3_ANON_HELP),
+) -> None:
+    """Label images with a model on Ray Data: one row per image in OUT/part-*.parquet.
+
+    Exit code 0 when every image was labelled, 1 when some rows are errors, 2 for usage errors.
+    """
+    from pipeline.label import IncompleteRunError, LabelOptions, run_label
+    from pipeline.storage import configure_s3
+
+    configure_s3(s3_endpoint, s3_anon)
+    try:
+        summary = run_label(
+            LabelOptions(model=model, input=input, out=out, resume=resume, batch_size=batch_size, actors=actors,
+                         gpu=gpu, rows_per_file=rows_per_file, limit=limit)
+        )
+    except IncompleteRunError as exc:
+        fail(str(exc), code=EXIT_PARTIAL)
+    typer.echo(summary.line())
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    data: str = typer.Option(..., "--data", help="Folder/prefix of images, manifest .parquet, or text file of URIs."),
+    out: str = typer.Option(..., "--out", help="RUN_ROOT: runs live in RUN_ROOT/RUN (path or s3:// URI)."),
+    name: str = typer.Option(..., "--name", help="RUN: the same RUN_ROOT and RUN again resumes the run."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON config file."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Training workers (default: one per GPU, or 1)."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="One GPU per worker (default: if the cluster has GPUs)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimisation steps in all (default: 40000)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch, split over the workers (default: 8)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="timm ViT name (default: vit_small_patch8_224.dino)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="hub | random | PATH | URI (default: hub)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Training crop side (default: 320)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints (default: 1000)."),
+    s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help=S3_ENDPOINT_HELP),
+    s3_anon: bool = typer.Option(False, "--s3-anon", help=S3_ANON_HELP),
+) -> None:
+    """Train SEMPART on Ray Train; writes checkpoints and RUN_ROOT/RUN/model/."""
+    from pipeline.storage import configure_s3
+    from pipeline.train import TrainJob, init_ray, run_training
+
+    cfg = build_config(config, backbone, weights, image_size)
+    for field_name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        if value is not None:
+            if value < 1:
+                raise UsageError(f"--{field_name.replace('_', '-')} must be at least 1, got {value}")
+            setattr(cfg.train, field_name, value)
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    configure_s3(s3_endpoint, s3_anon)
+    init_ray()
+    summary = run_training(TrainJob(data=data, out=out, name=name, config=cfg, workers=workers, gpu=gpu))
+    typer.echo(summary.line())
+
+
 if __name__ == "__main__":
     app()

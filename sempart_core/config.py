@@ -89,6 +89,10 @@ class TrainConfig:
     steps: int = 40000
     warmup_steps: int = 100
     seed: int = 0
+    checkpoint_every: int = 1000  # steps between checkpoints (Ray Train)
+    keep_checkpoints: int = 3  # the newest K checkpoints are kept
+    max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
+    report_every: int = 50  # steps between metric reports to Ray Train (checkpoints report too)
 
 
 @dataclass
