@@ -7,14 +7,17 @@ PIP := $(VENV)/bin/pip
 # `torch` requirement would pull a multi-GB CUDA build from the index.
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# Versions known to install and pass together (pip freeze of a green run); without them
+# pip's resolver spends minutes backtracking through boto3/aiobotocore releases.
+CONSTRAINTS := constraints.txt
 
 .PHONY: test test-unit demo bench clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[s3,dev]"
+	$(PIP) install -q -c $(CONSTRAINTS) $(TORCH)
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[s3,dev]"
 	touch $(STAMP)
 
 test: $(STAMP)
