@@ -127,8 +127,11 @@ def fit(
     cfg: SempartConfig,
     device: str = "cpu",
     log_every: int = 50,
+    autocast_dtype: torch.dtype | None = None,
 ) -> list[dict[str, float]]:
-    """Single-process training loop for cfg.train.steps steps; returns per-step metrics."""
+    """Single-process training loop for cfg.train.steps steps; returns per-step metrics.
+
+    `autocast_dtype` (bf16 on GPU) is passed to `training_step`, as the Ray trainer does."""
     torch.manual_seed(cfg.train.seed)
     opt = make_optimizer(heads, cfg.train)
     sched = make_scheduler(opt, cfg.train)
@@ -136,7 +139,7 @@ def fit(
     history = []
     start = time.perf_counter()
     for step, batch in zip(range(cfg.train.steps), batches):
-        metrics = training_step(backbone, heads, batch, opt, sched, cfg, device).as_floats()
+        metrics = training_step(backbone, heads, batch, opt, sched, cfg, device, autocast_dtype).as_floats()
         metrics["step"] = step + 1
         history.append(metrics)
         if (step + 1) % log_every == 0 or step + 1 == cfg.train.steps:

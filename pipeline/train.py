@@ -1,0 +1,562 @@
+"""`sempart train`: fit the SEMPART heads with Ray Train on unlabelled images.
+
+The driver lists the inputs once, builds a Ray Data pipeline (read bytes -> decode and
+augment on CPU tasks) and starts a `TorchTrainer` whose run lives at RUN_ROOT/RUN.
+Ray Train V2 restores the latest checkpoint of a run started again under the same
+storage path and name: that is how re-running the same command resumes, and how a lost
+worker is recovered (`FailureConfig`). Each worker runs the frozen backbone and the
+DDP-wrapped heads through `sempart_core.training.training_step`; every K steps the
+workers write a checkpoint (heads, optimiser, scheduler, step, RNG), and rank 0 writes
+the model artifact to RUN_ROOT/RUN/model/ at the end.
+
+Checkpoints hold only tensors and plain values (`torch.load(weights_only=True)` reads
+them back) plus a JSON progress file; the frozen backbone is never saved there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from pipeline.storage import is_s3, pyarrow_filesystem, redact, s3_env
+from sempart_core import uri
+from sempart_core.artifact import META_FILE, meta_for_backbone, save_artifact
+from sempart_core.backbone import create_vit
+from sempart_core.config import DataConfig, SempartConfig
+from sempart_core.images import ImageDecodeError, decode_image
+from sempart_core.model import build_model
+from sempart_core.training import augment, crop_size, make_optimizer, make_scheduler, training_step
+
+logger = logging.getLogger(__name__)
+
+EPOCH_ROWS = 4096  # small datasets are repeated up to this many rows per pass
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+STATE_FILE = "train_state.pt"  # heads, optimiser, scheduler (rank 0)
+PROGRESS_FILE = "progress.json"  # step, resumed_from (rank 0); readable without torch
+RNG_FILE = "rng_rank{rank}.pt"  # each worker's RNG state
+RUN_FILE = "sempart_run.json"  # the config a run was started with, checked on resume
+MODEL_DIR = "model"
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+POSITIVE_TRAIN_FIELDS = ("steps", "batch_size", "checkpoint_every", "report_every", "keep_checkpoints")
+# Sections that shape the saved tensors: a run cannot resume with other values.
+FIXED_SECTIONS = ("backbone", "model")
+# Test hook: the last worker raises once when it reaches this step (a marker file
+# remembers that it did), to exercise recovery from a lost worker.
+FAIL_AT_STEP_ENV = "SEMPART_TEST_FAIL_AT_STEP"
+FAIL_MARKER_ENV = "SEMPART_TEST_FAIL_MARKER"
+
+
+@dataclass
+class TrainJob:
+    """What `sempart train` was asked to do; the config carries model and schedule."""
+
+    data: str  # folder/prefix of images, manifest Parquet (`uri` column) or .txt of URIs
+    out: str  # RUN_ROOT
+    name: str  # RUN
+    config: SempartConfig
+    workers: int | None = None  # default: one per GPU with --gpu, else 1
+    gpu: bool | None = None  # default: when the cluster has GPUs
+
+
+@dataclass
+class TrainSummary:
+    """The end-of-run line: what this invocation did and where the model is."""
+
+    run: str
+    steps: int
+    resumed_from: list[int]
+    images: int  # images trained on (all workers) since the workers last (re)started
+    seconds: float
+    images_per_s: float
+    skipped_images: int  # distinct undecodable inputs met by this invocation
+    model: str
+    metrics: dict[str, float] = field(default_factory=dict)  # the last report to Ray Train
+
+    def line(self) -> str:
+        resumed = f" (resumed from step {', '.join(map(str, self.resumed_from))})" if self.resumed_from else ""
+        return (
+            f"trained {self.run}: step {self.steps}{resumed}; {self.images} images in "
+            f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s in the loop); "
+            f"{self.skipped_images} undecodable images skipped; model at {redact(self.model)}"
+        )
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _uris_to_paths(uris: list[str]) -> tuple[pafs.FileSystem, list[str]]:
+    """One file system for a list of URIs (all s3:// or all local)."""
+    schemes = {"s3" if is_s3(u) else "local" for u in uris}
+    if len(schemes) > 1:
+        raise ValueError("the input mixes s3:// and local URIs: keep them on one file system")
+    fs, _ = pyarrow_filesystem(uris[0])
+    if schemes == {"s3"}:
+        return fs, [u.split("://", 1)[1] for u in uris]
+    return fs, [pyarrow_filesystem(u)[1] for u in uris]
+
+
+def list_images(src: str) -> tuple[pafs.FileSystem, list[str]]:
+    """(file system, sorted paths) of the training images named by SRC.
+
+    SRC is a folder or prefix (image files below it, by extension), a manifest Parquet
+    (its `uri` column) or a text file with one URI per line.
+    """
+    fs, path = pyarrow_filesystem(src)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"training data {redact(src)} does not exist")
+    if info.type == pafs.FileType.Directory:
+        selector = pafs.FileSelector(path, recursive=True)
+        paths = sorted(f.path for f in fs.get_file_info(selector) if f.is_file and _is_image(f.path))
+        if not paths:
+            raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {redact(src)}")
+        return fs, paths
+    if path.endswith(".parquet"):
+        table = pq.read_table(path, filesystem=fs, columns=["uri"])
+        uris = [u for u in table.column("uri").to_pylist() if u]
+    elif path.endswith(".txt"):
+        with fs.open_input_stream(path) as f:
+            uris = [line.strip() for line in f.read().decode().splitlines() if line.strip()]
+    else:
+        raise ValueError(f"{redact(src)} is a file: give a folder, a manifest .parquet or a .txt of URIs")
+    if not uris:
+        raise ValueError(f"{redact(src)} lists no images")
+    return _uris_to_paths(uris)
+
+
+@ray.remote(num_cpus=0)
+class SkippedImages:
+    """Counts undecodable inputs met by the decode tasks (they run anywhere in the cluster)."""
+
+    def __init__(self) -> None:
+        self.paths: set[str] = set()
+
+    def add(self, paths: list[str]) -> None:
+        self.paths.update(paths)
+
+    def count(self) -> int:
+        return len(self.paths)
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], *, data: dict[str, Any], patch: int, skipped: Any
+) -> dict[str, np.ndarray]:
+    """bytes -> augmented uint8 crops [n, S, S, 3]; undecodable images are dropped and counted."""
+    cfg = DataConfig(**data)
+    rng = np.random.default_rng()  # fresh entropy: every epoch sees new crops
+    crops, bad = [], []
+    for blob, path in zip(batch["bytes"], batch["path"]):
+        try:
+            crops.append(augment(decode_image(blob), cfg, patch, rng))
+        except ImageDecodeError as exc:
+            logger.warning("skipping undecodable image %s: %s", path, exc)
+            bad.append(str(path))
+    if bad:
+        skipped.add.remote(bad)
+    size = crop_size(cfg, patch)
+    return {"image": np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)}
+
+
+def image_dataset(
+    fs: pafs.FileSystem, paths: list[str], cfg: SempartConfig, patch: int, skipped: Any
+) -> ray.data.Dataset:
+    """Read the files (order reshuffled every epoch), decode and augment on CPU tasks.
+
+    A small dataset is listed several times over, so that one pass of the Ray dataset
+    covers up to EPOCH_ROWS images: every pass restarts the streaming pipeline, which
+    costs seconds, and would dominate training on a few hundred images.
+    """
+    wanted = min(cfg.train.steps * cfg.train.batch_size, EPOCH_ROWS)
+    repeats = max(1, math.ceil(wanted / len(paths)))
+    ds = ray.data.read_binary_files(
+        paths * repeats,
+        filesystem=fs,
+        include_paths=True,
+        shuffle=ray.data.FileShuffleConfig(seed=cfg.train.seed),
+    )
+    return ds.map_batches(
+        decode_batch,
+        batch_size=32,
+        batch_format="numpy",
+        fn_kwargs={"data": dataclasses.asdict(cfg.data), "patch": patch, "skipped": skipped},
+    )
+
+
+def patch_size(backbone_name: str) -> int:
+    """The backbone's patch size without building its weights (meta device)."""
+    with torch.device("meta"):
+        vit = create_vit(backbone_name)
+    return int(vit.patch_embed.patch_size[0])
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+@dataclass
+class Progress:
+    """The plain part of a checkpoint."""
+
+    step: int = 0
+    resumed_from: list[int] = field(default_factory=list)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Torch (CPU and CUDA), numpy and python RNG state as tensors and plain values."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": int(pos),
+        "numpy_has_gauss": int(has_gauss),
+        "numpy_gauss": float(gauss),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+         state["numpy_has_gauss"], state["numpy_gauss"])
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    folder: Path, rank: int, heads: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress,
+) -> None:
+    """Write this worker's part of a checkpoint: rank 0 the training state, every rank its RNG."""
+    torch.save(_rng_state(), folder / RNG_FILE.format(rank=rank))
+    if rank == 0:
+        state = {"heads": heads.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict()}
+        torch.save(state, folder / STATE_FILE)
+        (folder / PROGRESS_FILE).write_text(json.dumps(dataclasses.asdict(progress)))
+
+
+def load_checkpoint(
+    folder: Path, rank: int, heads: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> Progress:
+    """Restore a checkpoint written by `save_checkpoint` (no pickled code is run)."""
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    heads.load_state_dict(state["heads"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = folder / RNG_FILE.format(rank=rank)
+    if rng_file.exists():  # absent when the run restarts with more workers
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    return Progress(**json.loads((folder / PROGRESS_FILE).read_text()))
+
+
+# ------------------------------------------------------------------------ worker loop
+
+
+def _worker_logging() -> None:
+    """Ray worker processes have no log handler of their own: print INFO to stderr."""
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _maybe_fail(completed: int, rank: int, world: int, loop: dict[str, Any]) -> None:
+    """The test hook of FAIL_AT_STEP_ENV: the last worker raises once at that step."""
+    marker = loop.get("fail_marker")
+    if loop.get("fail_at_step") == completed and rank == world - 1 and marker and not os.path.exists(marker):
+        Path(marker).touch()
+        raise RuntimeError(f"test hook {FAIL_AT_STEP_ENV}: worker {rank} fails at step {completed}")
+
+
+class _Window:
+    """Loss terms and throughput since the last report to Ray Train."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, terms: dict[str, float]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def pop(self, global_batch: int) -> dict[str, float]:
+        """Mean of each term over the window and its images/s; starts a new window."""
+        means = {k: v / self.steps for k, v in self.sums.items()}
+        means["window_images_per_s"] = self.steps * global_batch / (time.perf_counter() - self.start)
+        self.__init__()
+        return means
+
+
+class _WorkerRun:
+    """One worker's model, optimiser and progress; `train_loop` drives it."""
+
+    def __init__(self, loop: dict[str, Any]) -> None:
+        self.loop = loop
+        self.cfg = SempartConfig.from_dict(loop["config"])
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(loop["torch_threads"])
+        self.backbone, self.heads = build_model(self.cfg, seed=self.cfg.train.seed)
+        self.backbone.to(self.device)
+        self.heads.to(self.device)  # before the optimiser, so that restored state lands there
+        self.optimizer = make_optimizer(self.heads, self.cfg.train)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg.train)
+        torch.manual_seed(self.cfg.train.seed + self.rank)
+        self.progress = self._restore()
+        self.model = ray.train.torch.prepare_model(self.heads)  # DDP: gloo on CPU, NCCL on GPU
+        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+
+    def _restore(self) -> Progress:
+        """The latest checkpoint Ray Train hands over (same run name, or a restart)."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return Progress()
+        with checkpoint.as_directory() as folder:
+            progress = load_checkpoint(Path(folder), self.rank, self.heads, self.optimizer, self.scheduler)
+        if progress.step < self.cfg.train.steps:
+            progress.resumed_from.append(progress.step)
+        if self.rank == 0:
+            logger.warning("resuming %s from step %d (of %d)", self.loop["run"], progress.step, self.cfg.train.steps)
+        return progress
+
+    def step(self, batch: torch.Tensor) -> dict[str, float]:
+        _maybe_fail(self.progress.step, self.rank, self.world, self.loop)
+        terms = training_step(
+            self.backbone, self.model, batch, self.optimizer, self.scheduler, self.cfg, self.device, self.autocast
+        )
+        self.progress.step += 1
+        return terms.as_floats()
+
+    def report(self, metrics: dict[str, float], checkpoint: bool) -> None:
+        """Report to Ray Train; with a checkpoint, every worker uploads its files into
+        one folder named by the step (rank 0: training state, each rank: its RNG)."""
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="sempart-ckpt-") as folder:
+            save_checkpoint(Path(folder), self.rank, self.heads, self.optimizer, self.scheduler, self.progress)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=f"checkpoint_{self.progress.step:08d}",
+            )
+
+    def write_artifact(self) -> None:
+        meta = meta_for_backbone(
+            self.backbone, run_id=self.loop["run"], steps=self.progress.step,
+            resumed_from=list(self.progress.resumed_from),
+        )
+        save_artifact(self.loop["model_uri"], self.cfg, self.heads, self.backbone, meta)
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: restore, train to `steps` (repeating the data), checkpoint
+    every K steps, report every `report_every`, and (rank 0) write the artifact.
+
+    Ray Train V2 takes one report per worker per controller poll (2 s by default), so
+    reporting every step would stall training; the console gets every step instead.
+    """
+    _worker_logging()
+    run = _WorkerRun(loop)
+    cfg, progress = run.cfg, run.progress
+    per_worker = loop["batch_size_per_worker"]
+    global_batch = per_worker * run.world
+    shard = ray.train.get_dataset_shard("train")
+    start_step, start, window = progress.step, time.perf_counter(), _Window()
+    while progress.step < cfg.train.steps:
+        seen = 0
+        batches = shard.iter_torch_batches(
+            batch_size=per_worker, drop_last=True, prefetch_batches=2, dtypes=torch.uint8, device=run.device
+        )
+        for batch in batches:
+            seen += 1
+            terms = run.step(batch["image"])
+            window.add(terms)
+            images = (progress.step - start_step) * global_batch
+            rate = images / (time.perf_counter() - start)
+            if run.rank == 0:
+                logger.info(
+                    "step %d/%d loss %.4f ncut %.4f ftv %.4f itv %.4f dist %.4f border %.4f (%.1f img/s)",
+                    progress.step, cfg.train.steps, terms["total"], terms["ncut"], terms["ftv"],
+                    terms["itv"], terms["dist"], terms["border"], rate,
+                )
+            done = progress.step >= cfg.train.steps
+            checkpoint = done or progress.step % cfg.train.checkpoint_every == 0
+            metrics = None
+            if checkpoint or progress.step % cfg.train.report_every == 0:
+                metrics = {**window.pop(global_batch), "step": progress.step, "images": images,
+                           "images_per_s": rate, "lr": run.scheduler.get_last_lr()[0]}
+            if done and run.rank == 0:  # before the last checkpoint: a resume then only rewrites it
+                run.write_artifact()
+            if metrics is not None:
+                run.report(metrics, checkpoint)
+            if done:
+                break
+        if seen == 0:
+            raise ValueError(
+                f"worker {run.rank} got no full batch of {per_worker} images in an epoch: fewer usable "
+                f"images than --batch-size ({global_batch})"
+            )
+    if progress.step == start_step:  # a finished run started again: refresh the artifact
+        if run.rank == 0:
+            logger.warning("%s already finished at step %d", loop["run"], progress.step)
+            run.write_artifact()
+        run.report({"step": progress.step, "images": 0, "images_per_s": 0.0}, checkpoint=False)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def init_ray() -> None:
+    """Join RAY_ADDRESS when set, else start a local Ray (SEMPART_NUM_CPUS caps its CPUs)."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    cpus = os.environ.get("SEMPART_NUM_CPUS")
+    ray.init(num_cpus=int(cpus) if cpus else None, include_dashboard=False)
+
+
+def worker_resources(workers: int, gpu: bool) -> tuple[dict[str, float], int]:
+    """(resources per worker, torch threads per worker).
+
+    A GPU worker takes one CPU and one GPU. CPU workers share the cluster's CPUs but
+    leave one (half of a lone CPU) to Ray Data's decode tasks, which would otherwise
+    never be scheduled; they take whole CPUs when there are enough, and fit on one node.
+    """
+    if gpu:
+        return {"CPU": 1.0, "GPU": 1.0}, 1
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    largest_node = max(float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n["Alive"])
+    for_data = 1.0 if cpus >= 2 else cpus / 2
+    share = min((cpus - for_data) / workers, largest_node)
+    per_worker = float(int(share)) if share >= 1 else share
+    return {"CPU": per_worker}, max(1, int(per_worker))
+
+
+def check_run(run_uri: str, cfg: SempartConfig, name: str) -> None:
+    """Record a new run's config, or check a resumed run's against it (and say so loudly)."""
+    record = uri.join(run_uri, RUN_FILE)
+    if not uri.exists(record):
+        uri.write_bytes(record, json.dumps({"config": cfg.to_dict()}, indent=2).encode())
+        return
+    previous = json.loads(uri.read_bytes(record))["config"]
+    current = cfg.to_dict()
+    changed = [s for s in FIXED_SECTIONS if previous.get(s) != current[s]]
+    if changed:
+        raise ValueError(
+            f"run {name!r} in {redact(run_uri)} was started with another {' and '.join(changed)} "
+            "config: use a new --name to start a new run"
+        )
+    logger.warning(
+        "run %s exists in %s: RESUMING from its latest checkpoint (use a new --name to start afresh)",
+        name, redact(run_uri),
+    )
+
+
+def run_training(job: TrainJob) -> TrainSummary:
+    """Train on Ray (joined or started here after the inputs are checked) and write
+    RUN_ROOT/RUN/model/."""
+    cfg = job.config
+    if not RUN_NAME.fullmatch(job.name):
+        raise ValueError(f"--name {job.name!r}: use letters, digits, '.', '_' and '-' only")
+    for name in POSITIVE_TRAIN_FIELDS:
+        if getattr(cfg.train, name) < 1:
+            raise ValueError(f"train.{name} must be at least 1, got {getattr(cfg.train, name)}")
+    fs, paths = list_images(job.data)
+    if len(paths) < cfg.train.batch_size:
+        raise ValueError(f"{len(paths)} images in {redact(job.data)}: fewer than --batch-size {cfg.train.batch_size}")
+    init_ray()
+    gpu = job.gpu if job.gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    workers = job.workers or (int(ray.cluster_resources().get("GPU", 1)) if gpu else 1)
+    if cfg.train.batch_size % workers:
+        raise ValueError(f"--batch-size {cfg.train.batch_size} must be a multiple of --workers {workers}")
+    storage_fs, storage_path = pyarrow_filesystem(job.out)
+    run_uri = uri.join(job.out if is_s3(job.out) else storage_path, job.name)
+    check_run(run_uri, cfg, job.name)
+
+    # The per-step lines are training's progress; Ray Data's bars would restart every pass.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    skipped = SkippedImages.remote()
+    dataset = image_dataset(fs, paths, cfg, patch_size(cfg.backbone.name), skipped)
+    resources, threads = worker_resources(workers, gpu)
+    env = s3_env()  # for the artifact write (fsspec); Ray Train's uploads use storage_fs
+    loop = {
+        "config": cfg.to_dict(),
+        "run": job.name,
+        "batch_size_per_worker": cfg.train.batch_size // workers,
+        "model_uri": uri.join(run_uri, MODEL_DIR),
+        "torch_threads": threads,
+        "fail_at_step": int(os.environ[FAIL_AT_STEP_ENV]) if os.environ.get(FAIL_AT_STEP_ENV) else None,
+        "fail_marker": os.environ.get(FAIL_MARKER_ENV),
+    }
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config=loop,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=job.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+        datasets={"train": dataset},
+    )
+    logger.info(
+        "training %s on %d %s worker(s), %d images from %s, %d steps of %d images",
+        job.name, workers, "GPU" if gpu else "CPU", len(paths), redact(job.data),
+        cfg.train.steps, cfg.train.batch_size,
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - start
+    meta = json.loads(uri.read_bytes(uri.join(loop["model_uri"], META_FILE)))
+    metrics = result.metrics or {}
+    return TrainSummary(
+        run=job.name,
+        steps=meta["steps"],
+        resumed_from=meta["resumed_from"],
+        images=int(metrics.get("images", 0)),
+        seconds=seconds,
+        images_per_s=float(metrics.get("images_per_s", 0.0)),
+        skipped_images=ray.get(skipped.count.remote()),
+        model=loop["model_uri"],
+        metrics=metrics,
+    )
