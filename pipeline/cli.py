@@ -16,7 +16,10 @@ import typer
 
 from sempart_core.config import SempartConfig, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+# Plain tracebacks: typer's rich ones print local variables, which may hold secrets.
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0], pretty_exceptions_enable=False
+)
 logger = logging.getLogger("sempart")
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
@@ -252,7 +255,7 @@ def train_cmd(
 ) -> None:
     """Train SEMPART on Ray Train; writes checkpoints and RUN_ROOT/RUN/model/."""
     from pipeline.storage import configure_s3
-    from pipeline.train import TrainJob, init_ray, run_training
+    from pipeline.train import TrainJob, run_training
 
     cfg = build_config(config, backbone, weights, image_size)
     for field_name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
@@ -263,9 +266,24 @@ def train_cmd(
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     configure_s3(s3_endpoint, s3_anon)
-    init_ray()
     summary = run_training(TrainJob(data=data, out=out, name=name, config=cfg, workers=workers, gpu=gpu))
     typer.echo(summary.line())
+
+
+@app.command("demo")
+@user_errors
+def demo_cmd(
+    workdir: Path = typer.Option(Path("demo-work"), "--workdir", help="Where the table, gallery and model are copied."),
+) -> None:
+    """Local S3 + local Ray: train a few steps, label sample photos, query, gallery."""
+    from pipeline.demo import run_demo
+
+    result = run_demo(workdir)
+    if result.random_backbone:
+        typer.echo("NOTE: random backbone (no pretrained weights could be downloaded): masks are not meaningful")
+    typer.echo(f"Parquet table: {result.table.resolve()}/part-*.parquet")
+    typer.echo(f"gallery:       {result.gallery.resolve()}")
+    typer.echo(f"model:         {result.model.resolve()}")
 
 
 if __name__ == "__main__":
