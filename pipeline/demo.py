@@ -113,7 +113,8 @@ def run_demo(workdir: Path) -> DemoResult:
     import ray
 
     from pipeline.export import export_gallery
-    from pipeline.label import LabelOptions, init_ray, run_label
+    from pipeline.cluster import init_ray
+    from pipeline.label import LabelOptions, run_label
     from pipeline.query import format_table, run_query
     from pipeline.train import TrainJob, run_training
 

@@ -43,6 +43,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import manifest as manifests
+from pipeline.cluster import init_ray
 from pipeline.schema import LABELS_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, image_id_for
 from pipeline.storage import is_s3, pyarrow_filesystem, pyarrow_s3, redact, s3_env
 from sempart_core import uri as uris
@@ -187,9 +188,13 @@ def decode_batch(batch: pa.Table, image_size: int, patch: int) -> pa.Table:
 class Infer:
     """Actor: the model, loaded once; infers each group of equally prepared images."""
 
-    def __init__(self, model: str, device: str, batch_size: int):
+    def __init__(self, model: str, device: str, batch_size: int, threads: int | None = None):
         from sempart_core.predictor import load_predictor
 
+        if threads:  # CPU inference: Ray set 1 thread (the actor's one reserved CPU)
+            import torch
+
+            torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         self.predictor = load_predictor(model, device=device, batch_size=batch_size)
         self.batch_size = batch_size
 
@@ -372,30 +377,6 @@ def remove_temp_files(out: str) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def init_ray() -> None:
-    """Connect to RAY_ADDRESS when set, else start local Ray (SEMPART_NUM_CPUS caps CPUs)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    cpus = os.environ.get("SEMPART_NUM_CPUS")
-    ray.init(num_cpus=int(cpus) if cpus else None, include_dashboard=False)
-
-
-def _patch_size(backbone_name: str, image_size: int) -> int:
-    """The backbone's patch, from a weightless (meta device) build of it."""
-    import torch
-
-    from sempart_core.backbone import create_vit
-
-    with torch.device("meta"):
-        vit = create_vit(backbone_name, image_size=image_size)
-    return int(vit.patch_embed.patch_size[0])
-
-
 def _new_run(opts: LabelOptions, model_id: str) -> dict:
     """Fix the run: its id, manifest (listed now if needed) and chunking."""
     fs, root = pyarrow_filesystem(opts.out)
@@ -460,6 +441,8 @@ def build_dataset(
     """The streaming Ray Data pipeline over the pending chunks; yields summary rows."""
     import ray
 
+    from sempart_core.backbone import patch_size_of
+
     cfg = art.config
     env = s3_env()
     remote = {"runtime_env": {"env_vars": env}} if env else {}
@@ -476,14 +459,21 @@ def build_dataset(
     )
     ds = ds.map_batches(
         decode_batch, batch_size=16, batch_format="pyarrow",
-        fn_kwargs={"image_size": cfg.data.image_size, "patch": _patch_size(cfg.backbone.name, cfg.data.image_size)},
+        fn_kwargs={"image_size": cfg.data.image_size, "patch": patch_size_of(cfg.backbone.name)},
         **cpu_stage,
     )
+    # On CPU the model is nearly all of the work, yet each actor reserves one CPU (so
+    # that decode tasks can still be scheduled): let it compute on its share of the CPUs,
+    # with OpenMP threads that sleep rather than spin when decode tasks take a core
+    # (spinning threads made small ops ~50x slower here when a core was busy).
+    threads = None if gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
+    infer_env = env if gpu else {**env, "OMP_WAIT_POLICY": "PASSIVE"}
     ds = ds.map_batches(
         Infer, batch_size=opts.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpu else 0, num_cpus=1,
-        fn_constructor_kwargs={"model": opts.model, "device": "cuda" if gpu else "cpu", "batch_size": opts.batch_size},
-        **remote,
+        fn_constructor_kwargs={"model": opts.model, "device": "cuda" if gpu else "cpu", "batch_size": opts.batch_size,
+                               "threads": threads},
+        **({"runtime_env": {"env_vars": infer_env}} if infer_env else {}),
     )
     ds = ds.map_batches(
         finish_batch, batch_size=16, batch_format="pyarrow",

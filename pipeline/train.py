@@ -35,10 +35,11 @@ import ray.train
 import ray.train.torch
 import torch
 
+from pipeline.cluster import init_ray
 from pipeline.storage import is_s3, pyarrow_filesystem, redact, s3_env
 from sempart_core import uri
 from sempart_core.artifact import META_FILE, meta_for_backbone, save_artifact
-from sempart_core.backbone import create_vit
+from sempart_core.backbone import patch_size_of
 from sempart_core.config import DataConfig, SempartConfig
 from sempart_core.images import ImageDecodeError, decode_image
 from sempart_core.model import build_model
@@ -201,13 +202,6 @@ def image_dataset(
         batch_format="numpy",
         fn_kwargs={"data": dataclasses.asdict(cfg.data), "patch": patch, "skipped": skipped},
     )
-
-
-def patch_size(backbone_name: str) -> int:
-    """The backbone's patch size without building its weights (meta device)."""
-    with torch.device("meta"):
-        vit = create_vit(backbone_name)
-    return int(vit.patch_embed.patch_size[0])
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -441,17 +435,6 @@ def train_loop(loop: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def init_ray() -> None:
-    """Join RAY_ADDRESS when set, else start a local Ray (SEMPART_NUM_CPUS caps its CPUs)."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    cpus = os.environ.get("SEMPART_NUM_CPUS")
-    ray.init(num_cpus=int(cpus) if cpus else None, include_dashboard=False)
-
-
 def worker_resources(workers: int, gpu: bool) -> tuple[dict[str, float], int]:
     """(resources per worker, torch threads per worker).
 
@@ -513,7 +496,7 @@ def run_training(job: TrainJob) -> TrainSummary:
     # The per-step lines are training's progress; Ray Data's bars would restart every pass.
     ray.data.DataContext.get_current().enable_progress_bars = False
     skipped = SkippedImages.remote()
-    dataset = image_dataset(fs, paths, cfg, patch_size(cfg.backbone.name), skipped)
+    dataset = image_dataset(fs, paths, cfg, patch_size_of(cfg.backbone.name), skipped)
     resources, threads = worker_resources(workers, gpu)
     env = s3_env()  # for the artifact write (fsspec); Ray Train's uploads use storage_fs
     loop = {

@@ -63,6 +63,13 @@ def create_vit(name: str, *, pretrained: bool = False, image_size: int | None = 
                              dynamic_img_size=True, **kwargs)
 
 
+def patch_size_of(name: str) -> int:
+    """A timm ViT's patch size without building its weights (meta device)."""
+    with torch.device("meta"):
+        vit = create_vit(name)
+    return int(vit.patch_embed.patch_size[0])
+
+
 class Backbone(nn.Module):
     """Frozen ViT mapping normalised images [B, 3, H, W] to patch features [B, N, C].
 
