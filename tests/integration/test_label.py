@@ -26,23 +26,12 @@ from pipeline.cli import app
 from pipeline.manifest import build_manifest
 from pipeline.schema import LABELS_SCHEMA, image_id_for
 from pipeline.storage import pyarrow_s3
-from sempart_core.artifact import meta_for_backbone, save_artifact
-from sempart_core.config import SempartConfig
 from sempart_core.images import decode_image
-from sempart_core.model import build_model
 from sempart_core.postprocess import rle_to_mask
 from sempart_core.predictor import load_predictor
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-
-
-def make_model(out: Path) -> str:
-    cfg = SempartConfig()
-    cfg.backbone.name, cfg.backbone.weights, cfg.data.image_size = "vit_tiny_patch16_224", "random", 32
-    backbone, heads = build_model(cfg, seed=0)
-    save_artifact(str(out), cfg, heads, backbone, meta_for_backbone(backbone))
-    return str(out)
 
 
 def scene(seed: int, h: int, w: int) -> np.ndarray:
@@ -100,11 +89,6 @@ def bad_corpus() -> dict[str, tuple[bytes, dict]]:
 
 
 GOOD_SIZES = [(48, 64), (64, 48), (40, 40), (48, 64), (33, 71), (64, 48)]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    return make_model(tmp_path_factory.mktemp("model") / "m")
 
 
 @pytest.fixture(scope="module")

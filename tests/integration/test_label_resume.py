@@ -22,21 +22,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 
-from sempart_core.artifact import meta_for_backbone, save_artifact
-from sempart_core.config import SempartConfig
-from sempart_core.model import build_model
-
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES, ROWS_PER_FILE = 64, 2
-
-
-def make_model(out: Path) -> str:
-    cfg = SempartConfig()
-    cfg.backbone.name, cfg.backbone.weights, cfg.data.image_size = "vit_tiny_patch16_224", "random", 32
-    backbone, heads = build_model(cfg, seed=0)
-    save_artifact(str(out), cfg, heads, backbone, meta_for_backbone(backbone))
-    return str(out)
 
 
 def jpeg(seed: int) -> bytes:
@@ -88,11 +76,6 @@ class S3Store:
 
     def read(self, part: str):
         return pq.read_table(part, filesystem=self.fs)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    return make_model(tmp_path_factory.mktemp("model") / "m")
 
 
 @pytest.fixture(params=["local", "s3"])
