@@ -2,8 +2,8 @@
 
 Stages (Ray Data, streaming; see DESIGN.md "Labelling pipeline"):
   1. chunk descriptors -> manifest rows (`read_manifest_slice`, pyarrow file system)
-  2. CPU tasks: fetch bytes, `decode_image`, `prepare_image`; a bad image becomes an
-     error row, never a failed block
+  2. fetch bytes, `decode_image`, `prepare_image`; a bad image becomes an error row,
+     never a failed block (1 and 2: one CPU task per chunk)
   3. actor pool: the model loaded once per actor, `Predictor.infer` per group of equal
      prepared shapes (one GPU per actor with --gpu; bf16 inside the Predictor)
   4. CPU tasks: `finish_raw` (resize, threshold, boxes, score), COCO RLE
@@ -31,6 +31,7 @@ import re
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -62,6 +63,7 @@ COUNTS_KEY = b"sempart_counts"  # per-file status counts in the Parquet footer
 STATUSES = ("ok", "empty", "error")
 PROGRESS_EVERY_S = 10.0
 DECODE_MEMORY = 2**30  # bytes reserved per decode task (see build_dataset)
+DECODE_BATCH = 16  # images per table yielded by a decode task
 
 DECODED_SCHEMA = pa.schema(
     [
@@ -183,6 +185,20 @@ def decode_batch(batch: pa.Table, image_size: int, patch: int) -> pa.Table:
             rec["error"] = _one_line(exc)
         out.append(rec)
     return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+
+
+def decode_chunks(
+    batch: pa.Table, manifest: str, rows_per_file: int, total: int, image_size: int, patch: int
+) -> Iterator[pa.Table]:
+    """Chunk indices -> decoded rows, DECODE_BATCH images per yielded table.
+
+    One stage run with one chunk per task: as two fused stages (read_chunks, then
+    decode_batch with batch_size 16), Ray Data gave each task 16 chunk indices (the
+    larger batch size of the two), so each stage held 16,000 images in one block and
+    the run advanced in a few large waves."""
+    rows = read_chunks(batch, manifest, rows_per_file, total)
+    for start in range(0, rows.num_rows, DECODE_BATCH):
+        yield decode_batch(rows.slice(start, DECODE_BATCH), image_size, patch)
 
 
 class Infer:
@@ -454,12 +470,9 @@ def build_dataset(
     rows, per_file, run_id = state["rows"], state["rows_per_file"], state["run_id"]
     ds = ray.data.from_items([{"chunk": k} for k in pending], override_num_blocks=min(len(pending), 10_000))
     ds = ds.map_batches(
-        read_chunks, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"manifest": manifest, "rows_per_file": per_file, "total": rows}, **cpu_stage,
-    )
-    ds = ds.map_batches(
-        decode_batch, batch_size=16, batch_format="pyarrow",
-        fn_kwargs={"image_size": cfg.data.image_size, "patch": patch_size_of(cfg.backbone.name)},
+        decode_chunks, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"manifest": manifest, "rows_per_file": per_file, "total": rows,
+                   "image_size": cfg.data.image_size, "patch": patch_size_of(cfg.backbone.name)},
         **cpu_stage,
     )
     # On CPU the model is nearly all of the work, yet each actor reserves one CPU (so

@@ -1,0 +1,50 @@
+"""`sempart label` streams chunk by chunk: every chunk is its own decode task and reaches
+the writer as its own block.
+
+Regression: with fetch and decode as two fused Ray Data stages, Ray gave each task as
+many chunk indices as the larger batch size of the two (16), so a 20,000-image run moved
+through every stage in two blocks of up to 16,000 images: worker memory grew with the
+input and no file was written before the end. The model is a tiny RANDOM backbone.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import label as labels
+from sempart_core.artifact import read_artifact
+
+pytestmark = pytest.mark.integration
+
+CHUNKS = 17  # more than the decode batch (16): the old fused stages bundled 16 chunks
+ROWS = 16  # per chunk: no fewer than any stage's batch size, so Ray need not merge chunks
+
+
+def write_images(folder: Path, n: int) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+        (folder / f"{i:03d}.png").write_bytes(buf.getvalue())
+
+
+def test_each_chunk_flows_as_its_own_block(model: str, tmp_path: Path, ray_session) -> None:
+    ray_session.data.DataContext.get_current().enable_progress_bars = False
+    write_images(tmp_path / "images", ROWS * CHUNKS)
+    opts = labels.LabelOptions(model=model, input=str(tmp_path / "images"), out=str(tmp_path / "out"),
+                               rows_per_file=ROWS)
+    art = read_artifact(model)
+    state = labels._new_run(opts, art.model_id)
+    manifest = f"{opts.out}/{state['manifest']}"
+    ds = labels.build_dataset(list(range(CHUNKS)), manifest, state, art, opts, gpu=False, actors=1)
+
+    blocks = [b.to_pylist() for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+
+    assert sorted(r["chunk"] for b in blocks for r in b) == list(range(CHUNKS))
+    assert [len(b) for b in blocks] == [1] * CHUNKS  # one written file per block, as it completes
+    assert all(b[0]["rows"] == ROWS for b in blocks)
