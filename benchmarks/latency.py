@@ -37,7 +37,7 @@ from sempart_core.config import BackboneConfig, DataConfig, SempartConfig
 from sempart_core.graph import affinity
 from sempart_core.images import decode_image
 from sempart_core.model import build_model
-from sempart_core.postprocess import apply_foreground_rule
+from sempart_core.foreground import apply_foreground_rule
 from sempart_core.predictor import Predictor
 from sempart_core.synthetic import synthetic_dataset
 from sempart_core.tokencut import fiedler_vector

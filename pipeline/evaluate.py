@@ -15,7 +15,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from sempart_core.metrics import SODMetrics, resize_prob
+from sempart_core.metrics import SODMetrics
+from sempart_core.postprocess import resize_prob
 
 logger = logging.getLogger(__name__)
 

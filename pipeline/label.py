@@ -49,11 +49,13 @@ from pipeline.schema import LABELS_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, image_i
 from pipeline.storage import is_s3, pyarrow_filesystem, pyarrow_s3, redact, s3_env
 from sempart_core import uri as uris
 from sempart_core.config import PostConfig
+from sempart_core.images import decode_image, prepare_image
+from sempart_core.postprocess import RawPrediction, finish_raw
 
 if TYPE_CHECKING:
     import ray
 
-    from sempart_core.artifact import LoadedArtifact
+    from sempart_core.artifact import ArtifactInfo
 
 logger = logging.getLogger(__name__)
 
@@ -170,9 +172,6 @@ def read_chunks(batch: pa.Table, manifest: str, rows_per_file: int, total: int) 
 
 def decode_batch(batch: pa.Table, image_size: int, patch: int) -> pa.Table:
     """Fetch, decode and prepare each image; any failure becomes that row's error."""
-    from sempart_core.images import decode_image
-    from sempart_core.predictor import prepare_image
-
     out = []
     for row, uri, image_id in zip(*(batch.column(c).to_pylist() for c in ("row", "uri", "image_id"))):
         rec = {"row": row, "uri": uri, "image_id": image_id or image_id_for(uri)}
@@ -204,7 +203,8 @@ def decode_chunks(
 class Infer:
     """Actor: the model, loaded once; infers each group of equally prepared images."""
 
-    def __init__(self, model: str, device: str, batch_size: int, threads: int | None = None):
+    def __init__(self, model: str, model_id: str, device: str, batch_size: int, threads: int | None = None):
+        from sempart_core.artifact import ArtifactError
         from sempart_core.predictor import load_predictor
 
         if threads:  # CPU inference: Ray set 1 thread (the actor's one reserved CPU)
@@ -212,6 +212,8 @@ class Infer:
 
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         self.predictor = load_predictor(model, device=device, batch_size=batch_size)
+        if self.predictor.model_id != model_id:  # rows must carry the model that made them
+            raise ArtifactError(f"model {redact(model)} changed since the run started: use a new OUT")
         self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -244,8 +246,6 @@ class Infer:
 
 def finish_batch(batch: pa.Table, post: PostConfig, model_id: str, run_id: str) -> pa.Table:
     """Probability maps -> table rows: mask at the original size, RLE, boxes, score."""
-    from sempart_core.predictor import RawPrediction, finish_raw
-
     now = datetime.now(timezone.utc)
     out = []
     for r in batch.to_pylist():
@@ -452,18 +452,22 @@ def _resources(opts: LabelOptions) -> tuple[bool, int]:
 
 
 def build_dataset(
-    pending: list[int], manifest: str, state: dict, art: LoadedArtifact, opts: LabelOptions, gpu: bool, actors: int
+    pending: list[int], manifest: str, state: dict, art: ArtifactInfo, opts: LabelOptions, gpu: bool, actors: int
 ) -> ray.data.Dataset:
     """The streaming Ray Data pipeline over the pending chunks; yields summary rows."""
     import ray
 
-    from sempart_core.backbone import patch_size_of
-
     cfg = art.config
+    patch = art.meta.get("patch_size")
+    if patch is None:  # an artifact from before sempart.json recorded it
+        from sempart_core.backbone import patch_size_of
+
+        patch = patch_size_of(cfg.backbone.name)
     env = s3_env()
     remote = {"runtime_env": {"env_vars": env}} if env else {}
-    # A decode worker holds Python with torch (~0.5 GB) and one image at the pixel
-    # limit (3 bytes/px, ~0.27 GB): reserve that. As these resources differ from the
+    # A decode worker holds Python with pyarrow and PIL (no torch), one image at the
+    # pixel limit (3 bytes/px, ~0.27 GB) and the output block Ray Data fills (up to
+    # DataContext.target_max_block_size, 128 MiB): reserve 1 GiB. As these resources differ from the
     # actors', Ray also keeps this CPU stage out of the inference actors (it fuses a
     # task stage into a following actor stage whose resources are equal).
     cpu_stage = {**remote, "memory": DECODE_MEMORY}
@@ -472,7 +476,7 @@ def build_dataset(
     ds = ds.map_batches(
         decode_chunks, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"manifest": manifest, "rows_per_file": per_file, "total": rows,
-                   "image_size": cfg.data.image_size, "patch": patch_size_of(cfg.backbone.name)},
+                   "image_size": cfg.data.image_size, "patch": patch},
         **cpu_stage,
     )
     # On CPU the model is nearly all of the work, yet each actor reserves one CPU (so
@@ -484,8 +488,8 @@ def build_dataset(
     ds = ds.map_batches(
         Infer, batch_size=opts.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpu else 0, num_cpus=1,
-        fn_constructor_kwargs={"model": opts.model, "device": "cuda" if gpu else "cpu", "batch_size": opts.batch_size,
-                               "threads": threads},
+        fn_constructor_kwargs={"model": opts.model, "model_id": art.model_id, "device": "cuda" if gpu else "cpu",
+                               "batch_size": opts.batch_size, "threads": threads},
         **({"runtime_env": {"env_vars": infer_env}} if infer_env else {}),
     )
     ds = ds.map_batches(
@@ -522,12 +526,12 @@ def consume(ds: ray.data.Dataset, n_chunks: int, counts: dict[str, int]) -> int:
 
 def run_label(opts: LabelOptions) -> LabelSummary:
     """Label every image of the input into OUT (or finish an interrupted run)."""
-    from sempart_core.artifact import read_artifact
+    from sempart_core.artifact import read_artifact_info
 
     t0 = time.perf_counter()
     if opts.batch_size < 1 or (opts.rows_per_file or 1) < 1 or (opts.actors or 1) < 1 or (opts.limit or 0) < 0:
         raise LabelUsageError("--batch-size, --rows-per-file and --actors must be >= 1, --limit >= 0")
-    art = read_artifact(opts.model)
+    art = read_artifact_info(opts.model)  # sempart.json only: the driver needs no torch
     state = find_run(opts.out)
     if state is not None and not opts.resume:
         raise LabelUsageError(

@@ -1,5 +1,8 @@
 """The model artifact: a folder (local or object store) with `model.safetensors` and
-`sempart.json` (DESIGN.md, "Model artifact"). No pickle anywhere."""
+`sempart.json` (DESIGN.md, "Model artifact"). No pickle anywhere.
+
+`read_artifact_info` reads `sempart.json` alone (no torch): what a labelling driver
+needs to plan a run; `read_artifact` also loads and checks the weights."""
 from __future__ import annotations
 
 import datetime as dt
@@ -8,14 +11,13 @@ import json
 import logging
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
-
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from typing import TYPE_CHECKING, Any
 
 from . import uri
 from .config import SempartConfig
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,8 @@ def save_artifact(
     The backbone's weights go in only when they are not a named public checkpoint
     (random, or read from a file), so that the artifact alone reproduces predictions.
     """
+    from safetensors.torch import save as save_safetensors
+
     tensors = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
     if meta.backbone_in_artifact:
         tensors.update(
@@ -91,6 +95,7 @@ def save_artifact(
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model_id": model_id,
         "backbone": config.backbone.name,
+        "patch_size": backbone.patch_size,
         "image_size": config.data.image_size,
         "threshold": config.post.threshold,
         "random_backbone": meta.random_backbone,
@@ -111,6 +116,26 @@ def save_artifact(
 
 
 @dataclass
+class ArtifactInfo:
+    """`sempart.json` of an artifact: its config and recorded model id."""
+
+    config: SempartConfig
+    meta: dict[str, Any]
+    model_id: str  # sha256 of model.safetensors, as recorded when it was written
+
+
+def read_artifact_info(location: str) -> ArtifactInfo:
+    """Read and check `sempart.json`; errors are one line naming the folder."""
+    meta_uri = uri.join(location, META_FILE)
+    if not uri.exists(meta_uri):
+        raise ArtifactError(f"no {META_FILE} in {uri.redact(location)}: not a sempart model folder")
+    meta = json.loads(uri.read_bytes(meta_uri))
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{uri.redact(meta_uri)} is not a {FORMAT} file")
+    return ArtifactInfo(config=SempartConfig.from_dict(meta["config"]), meta=meta, model_id=meta["model_id"])
+
+
+@dataclass
 class LoadedArtifact:
     config: SempartConfig
     meta: dict[str, Any]
@@ -120,21 +145,23 @@ class LoadedArtifact:
 
 
 def read_artifact(location: str) -> LoadedArtifact:
-    """Read and check an artifact folder; errors are one line naming the folder."""
-    meta_uri = uri.join(location, META_FILE)
-    if not uri.exists(meta_uri):
-        raise ArtifactError(f"no {META_FILE} in {uri.redact(location)}: not a sempart model folder")
-    meta = json.loads(uri.read_bytes(meta_uri))
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{uri.redact(meta_uri)} is not a {FORMAT} file")
+    """Read an artifact folder; the weights must be those `sempart.json` records."""
+    from safetensors.torch import load as load_safetensors
+
+    info = read_artifact_info(location)
     blob = uri.read_bytes(uri.join(location, WEIGHTS_FILE))
     model_id = hashlib.sha256(blob).hexdigest()
+    if model_id != info.model_id:
+        raise ArtifactError(
+            f"{WEIGHTS_FILE} in {uri.redact(location)} is not the one its {META_FILE} records "
+            f"(sha256 {model_id[:12]}, recorded {info.model_id[:12]}): the folder was changed after it was written"
+        )
     tensors = load_safetensors(blob)
     heads = {k[len("heads.") :]: v for k, v in tensors.items() if k.startswith("heads.")}
     backbone = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
     return LoadedArtifact(
-        config=SempartConfig.from_dict(meta["config"]),
-        meta=meta,
+        config=info.config,
+        meta=info.meta,
         heads_state=heads,
         backbone_state=backbone or None,
         model_id=model_id,

@@ -254,52 +254,32 @@ def _high_depth_to_uint8(values: np.ndarray) -> npt.NDArray[np.uint8]:
     return np.rint((v - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
 
 
-def resize_shorter_side(rgb: RGBArray, size: int) -> RGBArray:
-    """Resize so the shorter side is `size`, keeping the aspect ratio.
+# The longer side is capped at this many times the shorter one (panoramas).
+MAX_ASPECT = 4.0
 
-    PIL's bilinear filter widens its support when shrinking (antialiasing), so fine
-    texture averages out instead of aliasing. Returns the input itself if no resize
-    is needed.
+
+def input_shape(height: int, width: int, image_size: int, patch: int) -> tuple[int, int]:
+    """Backbone input size for an image: shorter side ~image_size, both multiples of p.
+
+    Each side is scaled by the same factor, then rounded to the nearest multiple of the
+    patch (an aspect change below half a patch) instead of being padded: padding would
+    add tokens that are not part of the image to the semantic graph.
     """
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    height, width = rgb.shape[:2]
-    scale = size / min(height, width)
-    new_w = max(1, int(width * scale + 0.5))
-    new_h = max(1, int(height * scale + 0.5))
-    if (new_h, new_w) == (height, width):
+    scale = image_size / min(height, width)
+    h, w = height * scale, width * scale
+    cap = image_size * MAX_ASPECT
+    h, w = min(h, cap), min(w, cap)
+    return max(patch, round(h / patch) * patch), max(patch, round(w / patch) * patch)
+
+
+def prepare_image(rgb: RGBArray, image_size: int, patch: int) -> RGBArray:
+    """RGB uint8 [H, W, 3] -> the backbone's input [h_in, w_in, 3] (see `input_shape`).
+
+    A function of the config alone (no torch), so that the CPU workers of the labelling
+    pipeline prepare images without loading the model. PIL's bilinear filter widens its
+    support when shrinking (antialiasing), so fine texture averages out.
+    """
+    h, w = input_shape(rgb.shape[0], rgb.shape[1], image_size, patch)
+    if (h, w) == rgb.shape[:2]:
         return rgb
-    resized = Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BILINEAR)
-    return np.asarray(resized).copy()
-
-
-def pad_to_multiple(
-    array: np.ndarray, multiple: int, fill: int = 0
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """Pad bottom and right so H and W are multiples of `multiple` (the ViT patch).
-
-    Returns the padded array and the original (h, w), so outputs can be cropped back
-    with `out[:h, :w]`. Works for HxW masks and HxWxC images alike.
-    """
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
-    height, width = array.shape[:2]
-    pad_h, pad_w = -height % multiple, -width % multiple
-    if pad_h == 0 and pad_w == 0:
-        return array, (height, width)
-    pad = [(0, pad_h), (0, pad_w)] + [(0, 0)] * (array.ndim - 2)
-    return np.pad(array, pad, constant_values=fill), (height, width)
-
-
-def crop_to_multiple(array: np.ndarray, multiple: int) -> np.ndarray:
-    """Crop bottom and right so H and W are multiples of `multiple`.
-
-    Anchored at the top-left so that pixel (y, x) keeps its coordinates.
-    """
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
-    height, width = array.shape[:2]
-    new_h, new_w = height - height % multiple, width - width % multiple
-    if new_h == 0 or new_w == 0:
-        raise ValueError(f"{height}x{width} is smaller than one {multiple}x{multiple} patch")
-    return array[:new_h, :new_w]
+    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))

@@ -3,7 +3,7 @@ single-object localisation (CorLoc). Pure numpy (PIL only for resizing).
 
 Conventions (SEMPART.md section 8), chosen so that numbers compare with the papers:
 - Everything is computed at the ground truth's resolution; resize predictions first
-  with `resize_prob`.
+  with `postprocess.resize_prob`.
 - Acc, IoU and MAE are computed per image and then averaged over images (as TokenCut
   and SelfMask average IoU per image), not pooled over all pixels.
 - Binary masks for Acc/IoU: prediction > 0.5; ground truth > 127 (uint8) or True.
@@ -21,7 +21,6 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -32,20 +31,6 @@ THRESHOLDS = np.arange(N_THRESHOLDS, dtype=np.float32) / np.float32(255)
 BETA2_DATASET = 0.3
 # SelfMask and FOUND pass beta^2 = 0.3 and square it again in their F formula.
 BETA2_IMAGE = 0.3**2
-
-
-def resize_prob(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinearly resize a probability map to `size` = (height, width), float32 in [0, 1].
-
-    Metrics are defined at the GT's resolution, so predictions made at another size are
-    brought to it here rather than shrinking the GT.
-    """
-    h, w = int(size[0]), int(size[1])
-    prob = np.asarray(prob, dtype=np.float32)
-    if prob.shape == (h, w):
-        return prob
-    resized = Image.fromarray(prob).resize((w, h), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
 def binarize_gt(gt: np.ndarray) -> np.ndarray:
@@ -115,7 +100,7 @@ class SODMetrics:
         if pred.ndim != 2 or pred.shape != gt.shape:
             raise ValueError(
                 f"prediction shape {pred.shape} != ground-truth shape {gt.shape}; "
-                "resize the prediction with resize_prob first"
+                "resize the prediction with postprocess.resize_prob first"
             )
         if not np.issubdtype(pred.dtype, np.floating):
             raise ValueError(f"prediction must be float probabilities, got {pred.dtype}")

@@ -1,8 +1,10 @@
 """From a foreground probability map to what a pseudo-label row holds.
 
-Steps (SEMPART.md sections 6 and 7): pick the foreground side of the symmetric cut
-(border rule), threshold the fine map, find connected components and their boxes,
-score the partition, and encode the mask as COCO RLE.
+Steps (SEMPART.md sections 6 and 7): resize the model's map to the original image,
+threshold it, find connected components and their boxes, score the partition, and
+encode the mask as COCO RLE. (The border rule, which picks the foreground side of the
+cut, runs on the model's output tensors: `foreground`.) No torch here, so that the CPU
+workers of the labelling pipeline stay light.
 
 Box convention (used by every box in this project): ``[x1, y1, x2, y2]`` in pixels of
 the original image, with ``x2``/``y2`` exclusive. Pixel ``(row r, col c)`` covers the
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
@@ -59,44 +61,33 @@ class Prediction:
         return mask_to_rle(self.mask)
 
 
-def border_flip(y: torch.Tensor) -> torch.Tensor:
-    """Which images must be flipped so that the foreground is the border's minority.
+@dataclass
+class RawPrediction:
+    """What the model gives for one image: foreground map at the input size, and ncut."""
 
-    The cut is symmetric in ``y`` and ``1 - y``; the side that holds most of the image
-    border is taken as background. ``y`` is ``[B, h, w]`` foreground probabilities
-    (the coarse map). Returns bool ``[B]``: True where the mean of ``y`` over the border
-    patches (each counted once) exceeds 0.5. A tie (exactly 0.5) keeps ``y`` as it is.
+    prob: np.ndarray  # float32 [h_in, w_in]
+    ncut: float
+
+
+def resize_prob(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize a probability map to `size` = (height, width), float32 in [0, 1].
+
+    Upscaling equals torch's ``interpolate(bilinear, align_corners=False)`` to float
+    rounding; downscaling also averages (PIL widens the filter), so thin structures are
+    not aliased. Used for the labels and, in evaluation, to bring a map to the GT's size.
     """
-    if y.ndim != 3:
-        raise ValueError(f"border_flip expects [B, h, w], got shape {tuple(y.shape)}")
-    _, h, w = y.shape
-    border = torch.zeros(h, w, dtype=torch.bool, device=y.device)
-    border[0, :] = border[-1, :] = True
-    border[:, 0] = border[:, -1] = True
-    border_mean = y.detach()[:, border].float().mean(dim=1)
-    return border_mean > 0.5
+    h, w = int(size[0]), int(size[1])
+    prob = np.asarray(prob, dtype=np.float32)
+    if prob.shape == (h, w):
+        return prob
+    resized = Image.fromarray(prob).resize((w, h), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
-def _flip_where(y: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """``1 - y`` for the images where ``flip`` is True; keeps autograd intact."""
-    flip = flip.view(-1, *([1] * (y.ndim - 1)))
-    return torch.where(flip, 1 - y, y)
-
-
-def apply_foreground_rule(
-    y_coarse: torch.Tensor, y_fine: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip coarse ``[B, h, w]`` and fine ``[B, H, W]`` maps together, per image.
-
-    The decision comes from the coarse map only, so both branches always agree on which
-    side is the foreground, in training, evaluation and labelling alike.
-    """
-    if y_fine.shape[0] != y_coarse.shape[0]:
-        raise ValueError(
-            f"batch sizes differ: coarse {y_coarse.shape[0]} vs fine {y_fine.shape[0]}"
-        )
-    flip = border_flip(y_coarse)
-    return _flip_where(y_coarse, flip), _flip_where(y_fine, flip)
+def finish_raw(raw: RawPrediction, height: int, width: int, post: PostConfig) -> Prediction:
+    """A model map -> the image's Prediction at its original size (no model needed:
+    CPU workers of the labelling pipeline run this after inference)."""
+    return postprocess(resize_prob(raw.prob, (height, width)), raw.ncut, post)
 
 
 def connected_boxes(

@@ -9,71 +9,25 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from .artifact import LoadedArtifact, read_artifact
 from .backbone import Backbone, build_backbone, create_vit
-from .config import PostConfig, SempartConfig
+from .config import SempartConfig
+from .foreground import apply_foreground_rule
 from .graph import affinity
+from .images import prepare_image
 from .losses import expected_ncut
 from .model import SempartHeads
-from .postprocess import Prediction, apply_foreground_rule, postprocess
+from .postprocess import Prediction, RawPrediction, finish_raw
 from .tokencut import tokencut_partition, upsample_patch_mask
 from .training import to_model_input
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("sempart", "tokencut")
-# The longer side is capped at this many times the shorter one (panoramas).
-MAX_ASPECT = 4.0
-
-
-def input_shape(height: int, width: int, image_size: int, patch: int) -> tuple[int, int]:
-    """Backbone input size for an image: shorter side ~image_size, both multiples of p.
-
-    Each side is scaled by the same factor, then rounded to the nearest multiple of the
-    patch (an aspect change below half a patch) instead of being padded: padding would
-    add tokens that are not part of the image to the semantic graph.
-    """
-    scale = image_size / min(height, width)
-    h, w = height * scale, width * scale
-    cap = image_size * MAX_ASPECT
-    h, w = min(h, cap), min(w, cap)
-    return max(patch, round(h / patch) * patch), max(patch, round(w / patch) * patch)
-
-
-@dataclass
-class RawPrediction:
-    """Output of `infer` for one image: fine probability at the input size and ncut."""
-
-    prob: np.ndarray  # float32 [h_in, w_in]
-    ncut: float
-
-
-def prepare_image(rgb: np.ndarray, image_size: int, patch: int) -> np.ndarray:
-    """RGB uint8 [H, W, 3] -> the backbone's input [h_in, w_in, 3] (see `input_shape`).
-
-    A function of the config alone, so that CPU workers of the labelling pipeline can
-    prepare images without loading the model.
-    """
-    h, w = input_shape(rgb.shape[0], rgb.shape[1], image_size, patch)
-    if (h, w) == rgb.shape[:2]:
-        return rgb
-    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
-
-
-def finish_raw(raw: RawPrediction, height: int, width: int, post: PostConfig) -> Prediction:
-    """Resize an `infer` map to the original image size and post-process it (no model
-    needed: CPU workers of the labelling pipeline run this after GPU inference)."""
-    prob = torch.from_numpy(raw.prob)[None, None]
-    if prob.shape[-2:] != (height, width):
-        prob = F.interpolate(prob, size=(height, width), mode="bilinear", align_corners=False)
-    return postprocess(prob[0, 0].clamp_(0, 1).numpy(), raw.ncut, post)
 
 
 class Predictor:

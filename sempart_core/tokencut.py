@@ -12,7 +12,7 @@ Steps of ``tokencut_partition``, per image:
    (TokenCut's rule).
 4. Project rule (SEMPART.md section 6), so that the baseline picks its foreground the
    same way as SEMPART: if that side holds the majority of the image-border patches
-   (``postprocess.border_flip``) and the other side is not empty, take the other side
+   (``foreground.border_flip``) and the other side is not empty, take the other side
    instead and re-seed on it (largest ``|x|`` within it). When both rules agree, which
    is the usual case, this is TokenCut unchanged; ``border_rule=False`` gives TokenCut
    exactly.
@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from sempart_core.config import GraphConfig
 from sempart_core.graph import affinity, degree
-from sempart_core.postprocess import border_flip
+from sempart_core.foreground import border_flip
 
 logger = logging.getLogger(__name__)
 

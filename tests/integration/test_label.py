@@ -217,6 +217,15 @@ def test_run_record_and_resume_rules(labelled, model: str) -> None:
     assert other.exit_code == 2 and "rows-per-file" in other.output
 
 
+def test_inference_actor_refuses_a_model_changed_since_the_run_started(model: str) -> None:
+    from pipeline.label import Infer
+    from sempart_core.artifact import ArtifactError, read_artifact_info
+
+    Infer(model, read_artifact_info(model).model_id, device="cpu", batch_size=1)
+    with pytest.raises(ArtifactError, match="changed since the run started"):
+        Infer(model, "0" * 64, device="cpu", batch_size=1)
+
+
 def test_uri_list_input_and_limit(labelled, model: str, tmp_path: Path) -> None:
     listing = tmp_path / "uris.txt"
     images = labelled["images"]

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline import label as labels
-from sempart_core.artifact import read_artifact
+from sempart_core.artifact import read_artifact_info
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ def test_each_chunk_flows_as_its_own_block(model: str, tmp_path: Path, ray_sessi
     write_images(tmp_path / "images", ROWS * CHUNKS)
     opts = labels.LabelOptions(model=model, input=str(tmp_path / "images"), out=str(tmp_path / "out"),
                                rows_per_file=ROWS)
-    art = read_artifact(model)
+    art = read_artifact_info(model)
     state = labels._new_run(opts, art.model_id)
     manifest = f"{opts.out}/{state['manifest']}"
     ds = labels.build_dataset(list(range(CHUNKS)), manifest, state, art, opts, gpu=False, actors=1)

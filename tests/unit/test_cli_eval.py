@@ -28,7 +28,7 @@ def tiny_model(tmp_path_factory) -> Path:
 def test_init_model_records_random_backbone_and_loads(tiny_model):
     meta = json.loads((tiny_model / "sempart.json").read_text())
     assert meta["random_backbone"] is True
-    assert meta["image_size"] == 64 and meta["backbone"] == "vit_tiny_patch16_224"
+    assert meta["image_size"] == 64 and meta["backbone"] == "vit_tiny_patch16_224" and meta["patch_size"] == 16
     predictor = load_predictor(str(tiny_model))
     assert predictor.model_id == meta["model_id"]
     rgb = np.asarray(Image.open(next((DATA / "images").iterdir())).convert("RGB"))
@@ -37,6 +37,22 @@ def test_init_model_records_random_backbone_and_loads(tiny_model):
     # Same artifact, same backbone weights: predictions are reproducible across loads.
     (again,) = load_predictor(str(tiny_model)).predict([rgb])
     np.testing.assert_array_equal(pred.prob, again.prob)
+
+
+def test_artifact_with_changed_weights_is_refused(tiny_model, tmp_path):
+    import shutil
+
+    from sempart_core.artifact import ArtifactError, read_artifact, read_artifact_info
+
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_model, copy)
+    weights = copy / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(blob))
+    assert read_artifact_info(str(copy)).model_id == read_artifact(str(tiny_model)).model_id
+    with pytest.raises(ArtifactError, match="is not the one its sempart.json records"):
+        read_artifact(str(copy))
 
 
 def test_eval_pred_dir_writes_report_and_plot(tmp_path):

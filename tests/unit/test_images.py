@@ -21,10 +21,9 @@ from sempart_core.images import (
     ImageTooLargeError,
     NotAnImageError,
     TruncatedImageError,
-    crop_to_multiple,
     decode_image,
-    pad_to_multiple,
-    resize_shorter_side,
+    input_shape,
+    prepare_image,
 )
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -405,56 +404,37 @@ def test_corrupted_bytes_give_an_image_or_a_decode_error(fmt):
     assert len(outcomes) >= 2  # the damage really did hit something
 
 
-# --- size helpers ---------------------------------------------------------------
+# --- backbone input size ----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "shape,size,expected",
+    "shape,size,patch,expected",
     [
-        ((300, 400), 100, (100, 133)),
-        ((400, 300), 100, (133, 100)),
-        ((10, 20), 40, (40, 80)),
-        ((5, 1000), 1, (1, 200)),
+        ((300, 400), 320, 8, (320, 424)),  # 426.7 -> nearest multiple of 8
+        ((400, 300), 224, 16, (304, 224)),  # 298.7 -> 304
+        ((224, 224), 224, 16, (224, 224)),
+        ((5, 1000), 64, 8, (64, 256)),  # panorama: longer side capped at 4x
+        ((1, 1), 64, 16, (64, 64)),
+        ((3, 500), 8, 16, (16, 32)),  # never below one patch
     ],
 )
-def test_resize_shorter_side_shapes(shape, size, expected):
-    out = resize_shorter_side(random_rgb(*shape), size)
-    assert out.shape == (*expected, 3) and out.dtype == np.uint8
+def test_input_shape(shape, size, patch, expected):
+    h, w = input_shape(*shape, size, patch)
+    assert (h, w) == expected and h % patch == 0 and w % patch == 0
 
 
-def test_resize_antialiases_fine_texture():
+def test_prepare_image_antialiases_fine_texture():
     checker = ((np.indices((64, 64)).sum(axis=0) % 2) * 255).astype(np.uint8)
     rgb = np.repeat(checker[..., None], 3, axis=2)
-    out = resize_shorter_side(rgb, 16).astype(int)
+    out = prepare_image(rgb, 16, 8).astype(int)
+    assert out.shape == (16, 16, 3)
     # Nearest-neighbour sampling would give 0 or 255; an averaging filter gives ~127.
     assert np.abs(out - 127.5).max() <= 16
 
 
-def test_resize_keeps_constant_colour_and_skips_no_op():
+def test_prepare_image_keeps_constant_colour_and_skips_no_op():
     rgb = np.empty((30, 50, 3), np.uint8)
     rgb[...] = (12, 200, 99)
-    np.testing.assert_array_equal(resize_shorter_side(rgb, 12), np.broadcast_to((12, 200, 99), (12, 20, 3)))
-    assert resize_shorter_side(rgb, 30) is rgb
-    with pytest.raises(ValueError):
-        resize_shorter_side(rgb, 0)
-
-
-def test_pad_to_multiple():
-    rgb = random_rgb(17, 30)
-    padded, (h, w) = pad_to_multiple(rgb, 8)
-    assert padded.shape == (24, 32, 3) and (h, w) == (17, 30)
-    np.testing.assert_array_equal(padded[:h, :w], rgb)
-    assert not padded[h:].any() and not padded[:, w:].any()
-    mask, size = pad_to_multiple(np.ones((16, 9), bool), 8, fill=0)
-    assert mask.shape == (16, 16) and size == (16, 9) and mask.sum() == 16 * 9
-    already = random_rgb(16, 24)
-    assert pad_to_multiple(already, 8)[0] is already
-
-
-def test_crop_to_multiple():
-    rgb = random_rgb(17, 30)
-    cropped = crop_to_multiple(rgb, 8)
-    assert cropped.shape == (16, 24, 3)
-    np.testing.assert_array_equal(cropped, rgb[:16, :24])
-    with pytest.raises(ValueError):
-        crop_to_multiple(random_rgb(7, 30), 8)
+    np.testing.assert_array_equal(prepare_image(rgb, 12, 4), np.broadcast_to((12, 200, 99), (12, 20, 3)))
+    same = random_rgb(32, 48)
+    assert prepare_image(same, 32, 16) is same

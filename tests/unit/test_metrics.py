@@ -19,7 +19,7 @@ from pipeline.evaluate import (
     write_pr_plot,
     write_report,
 )
-from sempart_core.metrics import SODMetrics, box_iou, corloc, resize_prob
+from sempart_core.metrics import SODMetrics, box_iou, corloc
 
 DUTS_MASKS = Path(__file__).resolve().parents[1] / "data" / "duts-te" / "masks"
 
@@ -81,14 +81,6 @@ def test_update_rejects_bad_input() -> None:
         m.update(np.zeros((4, 4)), np.zeros((4, 4), dtype=np.int64))
     with pytest.raises(ValueError, match="no image"):
         m.result()
-
-
-def test_resize_prob() -> None:
-    prob = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
-    out = resize_prob(prob, (30, 40))
-    assert out.shape == (30, 40) and out.dtype == np.float32
-    assert out.min() >= 0 and out.max() <= 1
-    assert np.allclose(resize_prob(np.full((5, 7), 0.25), (11, 3)), 0.25)
 
 
 # ------------------------------------------------------- agreement with pysodmetrics

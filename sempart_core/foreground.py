@@ -1,0 +1,47 @@
+"""The border rule: which side of the symmetric cut is the foreground (SEMPART.md 6).
+
+Runs on the model's output tensors, in training, evaluation and labelling alike.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def border_flip(y: torch.Tensor) -> torch.Tensor:
+    """Which images must be flipped so that the foreground is the border's minority.
+
+    The cut is symmetric in ``y`` and ``1 - y``; the side that holds most of the image
+    border is taken as background. ``y`` is ``[B, h, w]`` foreground probabilities
+    (the coarse map). Returns bool ``[B]``: True where the mean of ``y`` over the border
+    patches (each counted once) exceeds 0.5. A tie (exactly 0.5) keeps ``y`` as it is.
+    """
+    if y.ndim != 3:
+        raise ValueError(f"border_flip expects [B, h, w], got shape {tuple(y.shape)}")
+    _, h, w = y.shape
+    border = torch.zeros(h, w, dtype=torch.bool, device=y.device)
+    border[0, :] = border[-1, :] = True
+    border[:, 0] = border[:, -1] = True
+    border_mean = y.detach()[:, border].float().mean(dim=1)
+    return border_mean > 0.5
+
+
+def _flip_where(y: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """``1 - y`` for the images where ``flip`` is True; keeps autograd intact."""
+    flip = flip.view(-1, *([1] * (y.ndim - 1)))
+    return torch.where(flip, 1 - y, y)
+
+
+def apply_foreground_rule(
+    y_coarse: torch.Tensor, y_fine: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip coarse ``[B, h, w]`` and fine ``[B, H, W]`` maps together, per image.
+
+    The decision comes from the coarse map only, so both branches always agree on which
+    side is the foreground, in training, evaluation and labelling alike.
+    """
+    if y_fine.shape[0] != y_coarse.shape[0]:
+        raise ValueError(
+            f"batch sizes differ: coarse {y_coarse.shape[0]} vs fine {y_fine.shape[0]}"
+        )
+    flip = border_flip(y_coarse)
+    return _flip_where(y_coarse, flip), _flip_where(y_fine, flip)
