@@ -403,8 +403,7 @@ def _new_run(opts: LabelOptions, model_id: str) -> dict:
     manifest_rel = None
     if kind != "manifest":
         manifest_rel = f"_manifests/{run_id}.parquet"
-        rows = manifests.list_images(opts.input) if kind == "folder" else manifests.read_uri_list(opts.input)
-        manifests.write_manifest(rows, uris.join(opts.out, manifest_rel))
+        manifests.write_manifest(manifests.input_rows(opts.input), uris.join(opts.out, manifest_rel))
     manifest = uris.join(opts.out, manifest_rel) if manifest_rel else opts.input
     n = manifests.manifest_rows(manifest)
     return {

@@ -178,6 +178,23 @@ def source_kind(src: str) -> str:
     raise FileNotFoundError(f"no such file or folder: {redact(src)}")
 
 
+def input_rows(src: str) -> Iterator[dict]:
+    """Rows (at least `uri`) of the images SRC names, whatever its kind (`source_kind`)."""
+    kind = source_kind(src)
+    if kind == "folder":
+        return list_images(src)
+    if kind == "list":
+        return read_uri_list(src)
+    return _manifest_uris(src)
+
+
+def _manifest_uris(manifest: str) -> Iterator[dict]:
+    fs, path = pyarrow_filesystem(manifest)
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(columns=["uri"]):
+            yield from ({"uri": uri} for uri in batch.column(0).to_pylist() if uri)
+
+
 def manifest_rows(manifest: str) -> int:
     """Row count from the Parquet footer (no data read)."""
     fs, path = pyarrow_filesystem(manifest)

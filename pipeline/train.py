@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 import ray.train
 import ray.train.torch
 import torch
 
+from pipeline import manifest as manifests
 from pipeline.cluster import init_ray
 from pipeline.storage import is_s3, pyarrow_filesystem, redact, s3_env
 from sempart_core import uri
@@ -48,7 +48,6 @@ from sempart_core.training import augment, crop_size, make_optimizer, make_sched
 logger = logging.getLogger(__name__)
 
 EPOCH_ROWS = 4096  # small datasets are repeated up to this many rows per pass
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 STATE_FILE = "train_state.pt"  # heads, optimiser, scheduler (rank 0)
 PROGRESS_FILE = "progress.json"  # step, resumed_from (rank 0); readable without torch
 RNG_FILE = "rng_rank{rank}.pt"  # each worker's RNG state
@@ -102,10 +101,6 @@ class TrainSummary:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def _uris_to_paths(uris: list[str]) -> tuple[pafs.FileSystem, list[str]]:
     """One file system for a list of URIs (all s3:// or all local)."""
     schemes = {"s3" if is_s3(u) else "local" for u in uris}
@@ -118,31 +113,11 @@ def _uris_to_paths(uris: list[str]) -> tuple[pafs.FileSystem, list[str]]:
 
 
 def list_images(src: str) -> tuple[pafs.FileSystem, list[str]]:
-    """(file system, sorted paths) of the training images named by SRC.
-
-    SRC is a folder or prefix (image files below it, by extension), a manifest Parquet
-    (its `uri` column) or a text file with one URI per line.
-    """
-    fs, path = pyarrow_filesystem(src)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"training data {redact(src)} does not exist")
-    if info.type == pafs.FileType.Directory:
-        selector = pafs.FileSelector(path, recursive=True)
-        paths = sorted(f.path for f in fs.get_file_info(selector) if f.is_file and _is_image(f.path))
-        if not paths:
-            raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {redact(src)}")
-        return fs, paths
-    if path.endswith(".parquet"):
-        table = pq.read_table(path, filesystem=fs, columns=["uri"])
-        uris = [u for u in table.column("uri").to_pylist() if u]
-    elif path.endswith(".txt"):
-        with fs.open_input_stream(path) as f:
-            uris = [line.strip() for line in f.read().decode().splitlines() if line.strip()]
-    else:
-        raise ValueError(f"{redact(src)} is a file: give a folder, a manifest .parquet or a .txt of URIs")
+    """(file system, paths) of the training images named by SRC: a folder or prefix, a
+    manifest Parquet or a text file of URIs, read as `sempart label` reads its input."""
+    uris = [row["uri"] for row in manifests.input_rows(src)]
     if not uris:
-        raise ValueError(f"{redact(src)} lists no images")
+        raise ValueError(f"no image files ({', '.join(sorted(manifests.IMAGE_EXTENSIONS))}) in {redact(src)}")
     return _uris_to_paths(uris)
 
 
