@@ -104,14 +104,12 @@ def model(cache: Path, backbone: str, image_size: int) -> Path:
     out = cache / f"model-{backbone}-{image_size}"
     if (out / "sempart.json").is_file():
         return out
-    from sempart_core.artifact import meta_for_backbone, save_artifact
+    from sempart_core.artifact import save_untrained_artifact
     from sempart_core.config import SempartConfig
-    from sempart_core.model import build_model
 
     cfg = SempartConfig()
     cfg.backbone.name, cfg.backbone.weights, cfg.data.image_size = backbone, "random", image_size
-    vit, heads = build_model(cfg, seed=0)
-    save_artifact(str(out), cfg, heads, vit, meta_for_backbone(vit))
+    save_untrained_artifact(str(out), cfg)
     return out
 
 

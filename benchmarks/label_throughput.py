@@ -95,14 +95,12 @@ def image_folder(source: Path, n: int, scratch: Path) -> Path:
 
 def make_model(out: Path, backbone: str, image_size: int) -> Path:
     """A model with a RANDOM backbone and untrained heads."""
-    from sempart_core.artifact import meta_for_backbone, save_artifact
+    from sempart_core.artifact import save_untrained_artifact
     from sempart_core.config import SempartConfig
-    from sempart_core.model import build_model
 
     cfg = SempartConfig()
     cfg.backbone.name, cfg.backbone.weights, cfg.data.image_size = backbone, "random", image_size
-    vit, heads = build_model(cfg, seed=0)
-    save_artifact(str(out), cfg, heads, vit, meta_for_backbone(vit))
+    save_untrained_artifact(str(out), cfg)
     return out
 
 

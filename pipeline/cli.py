@@ -84,13 +84,12 @@ def init_model(
     seed: int = typer.Option(0, help="Seed of the (untrained) heads."),
 ) -> None:
     """Write an untrained model artifact (for TokenCut eval, tests and pipeline checks)."""
-    from sempart_core.artifact import meta_for_backbone, save_artifact
-    from sempart_core.model import build_model
+    from sempart_core.artifact import save_untrained_artifact
 
     cfg = build_config(config, backbone, weights, image_size)
-    bb, heads = build_model(cfg, seed=seed)
-    model_id = save_artifact(out, cfg, heads, bb, meta_for_backbone(bb))
-    typer.echo(f"model {model_id[:12]} written to {out} (random_backbone: {str(bb.random_weights).lower()})")
+    model_id = save_untrained_artifact(out, cfg, seed=seed)
+    random_backbone = cfg.backbone.weights == "random"
+    typer.echo(f"model {model_id[:12]} written to {out} (random_backbone: {str(random_backbone).lower()})")
 
 
 @app.command("eval")

@@ -115,6 +115,15 @@ def save_artifact(
     return model_id
 
 
+def save_untrained_artifact(out: str, config: SempartConfig, seed: int = 0) -> str:
+    """An artifact of `config` with untrained heads (init-model, TokenCut eval, tests,
+    benchmarks); returns its model id."""
+    from .model import build_model
+
+    backbone, heads = build_model(config, seed=seed)
+    return save_artifact(out, config, heads, backbone, meta_for_backbone(backbone))
+
+
 @dataclass
 class ArtifactInfo:
     """`sempart.json` of an artifact: its config and recorded model id."""

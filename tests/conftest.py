@@ -64,13 +64,11 @@ def ray_session():
 def model(tmp_path_factory) -> str:
     """A model artifact with a tiny RANDOM backbone (vit_tiny_patch16_224 at 32 px), for
     pipeline tests that need a model but not a good one; returns its folder."""
-    from sempart_core.artifact import meta_for_backbone, save_artifact
+    from sempart_core.artifact import save_untrained_artifact
     from sempart_core.config import SempartConfig
-    from sempart_core.model import build_model
 
     cfg = SempartConfig()
     cfg.backbone.name, cfg.backbone.weights, cfg.data.image_size = "vit_tiny_patch16_224", "random", 32
-    backbone, heads = build_model(cfg, seed=0)
     out = tmp_path_factory.mktemp("model") / "m"
-    save_artifact(str(out), cfg, heads, backbone, meta_for_backbone(backbone))
+    save_untrained_artifact(str(out), cfg)
     return str(out)

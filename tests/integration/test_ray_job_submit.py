@@ -27,9 +27,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sempart_core.artifact import meta_for_backbone, save_artifact
-from sempart_core.config import SempartConfig
-from sempart_core.model import build_model
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -122,7 +119,7 @@ def png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def test_label_job_submitted_to_local_head(local_stack, ray_session, tmp_path: Path) -> None:
+def test_label_job_submitted_to_local_head(local_stack, ray_session, model: str) -> None:
     import boto3
 
     exported = local_stack.exported
@@ -138,11 +135,7 @@ def test_label_job_submitted_to_local_head(local_stack, ray_session, tmp_path: P
     for i in range(4):
         s3.put_object(Bucket=bucket, Key=f"in/{i}.png", Body=png(i))
         uris.append(f"s3://{bucket}/in/{i}.png")
-    cfg = SempartConfig()
-    cfg.backbone.name, cfg.backbone.weights, cfg.data.image_size = "vit_tiny_patch16_224", "random", 32
-    backbone, heads = build_model(cfg, seed=0)
-    save_artifact(str(tmp_path / "model"), cfg, heads, backbone, meta_for_backbone(backbone))
-    for path in (tmp_path / "model").iterdir():
+    for path in Path(model).iterdir():
         s3.upload_file(str(path), bucket, f"model/{path.name}")
 
     # The job's `python` is whatever PATH finds in Ray's environment: start.sh puts this
