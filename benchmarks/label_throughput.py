@@ -5,8 +5,8 @@ Both sides label the same image files with the same model and write the same tab
 - **ours**: `sempart label --model M --input FOLDER --out OUT` in a subprocess (local Ray
   started by the command, local files in and out);
 - **baseline**: a plain loop in one subprocess, no Ray: read the bytes, `decode_image`,
-  `Predictor.prepare`, `Predictor.infer` per group of equal input shapes in batches of
-  `--batch-size` (as the pipeline groups them), `Predictor.finish`, COCO RLE, and one
+  `Predictor.predict` on `--batch-size` images at a time (prepare, infer per group of
+  equal input shapes, as the pipeline groups them, finish), COCO RLE, and one
   `pyarrow.parquet.write_table` of LABELS_SCHEMA rows (zstd).
 
 Figures (nothing subtracted from either side's own work):
@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,7 +111,6 @@ def baseline_child(model: str, folder: str, out: str, batch_size: int, device: s
     start = time.perf_counter()
     from datetime import datetime, timezone
 
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -130,15 +128,7 @@ def baseline_child(model: str, folder: str, out: str, batch_size: int, device: s
     for s in range(0, len(paths), batch_size):
         part = paths[s : s + batch_size]
         images = [decode_image(Path(p).read_bytes()) for p in part]
-        prepared = [predictor.prepare(rgb) for rgb in images]
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, x in enumerate(prepared):
-            groups[x.shape[:2]].append(i)
-        preds = [None] * len(part)
-        for idx in groups.values():
-            for i, raw in zip(idx, predictor.infer(np.stack([prepared[i] for i in idx]))):
-                preds[i] = predictor.finish(raw, *images[i].shape[:2])
-        for path, pred, rgb in zip(part, preds, images):
+        for path, pred, rgb in zip(part, predictor.predict(images), images):
             rows.append({
                 "image_id": image_id_for(path), "uri": path, "width": rgb.shape[1], "height": rgb.shape[0],
                 "status": pred.status, "error": None, "mask_rle": pred.rle(), "mask_area": pred.mask_area,

@@ -466,9 +466,9 @@ def build_dataset(
     remote = {"runtime_env": {"env_vars": env}} if env else {}
     # A decode worker holds Python with pyarrow and PIL (no torch), one image at the
     # pixel limit (3 bytes/px, ~0.27 GB) and the output block Ray Data fills (up to
-    # DataContext.target_max_block_size, 128 MiB): reserve 1 GiB. As these resources differ from the
-    # actors', Ray also keeps this CPU stage out of the inference actors (it fuses a
-    # task stage into a following actor stage whose resources are equal).
+    # DataContext.target_max_block_size, 128 MiB): reserve 1 GiB. As these resources
+    # differ from the actors', Ray also keeps this CPU stage out of the inference actors
+    # (it fuses a task stage into a following actor stage whose resources are equal).
     cpu_stage = {**remote, "memory": DECODE_MEMORY}
     rows, per_file, run_id = state["rows"], state["rows_per_file"], state["run_id"]
     ds = ray.data.from_items([{"chunk": k} for k in pending], override_num_blocks=min(len(pending), 10_000))
