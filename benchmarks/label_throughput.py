@@ -21,10 +21,10 @@ The JSON's `ours_ips` / `baseline_ips` are the pipeline-only figures. With `--re
 R the sides alternate R times (ours, baseline, ours, ...) and each figure is the best of
 its side's runs, which damps bursts of load from elsewhere on a shared machine.
 
-Threading: on CPU the pipeline's inference actor computes with the node's CPUs (divided
-among the actors) under OMP_WAIT_POLICY=PASSIVE (see `pipeline.label.build_dataset`); the
-baseline runs with torch's default threads (all cores) and the same OMP_WAIT_POLICY, so
-that the model code runs alike on both sides.
+Threading: on CPU the pipeline runs one single-threaded inference actor per CPU under
+OMP_WAIT_POLICY=PASSIVE, its light stages at nice 10 (see `pipeline.label.build_dataset`);
+the baseline is a plain loop: torch's default threads (all cores), the same
+OMP_WAIT_POLICY.
 
     python benchmarks/label_throughput.py --quick    # vit_tiny_patch16_224 at 128 px, 64 images
     python benchmarks/label_throughput.py            # vit_small_patch8_224 at 320 px, 512 images (~18 min on 2 CPUs)

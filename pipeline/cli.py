@@ -208,7 +208,7 @@ def label_cmd(
     out: str = typer.Option(..., "--out", help="Output folder/prefix; the table is OUT/part-*.parquet."),
     resume: bool = typer.Option(False, "--resume", help="Finish the interrupted run in OUT."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per model call."),
-    actors: Optional[int] = typer.Option(None, "--actors", help="Inference actors (default: one per GPU, or 1)."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="Inference actors (default: one per GPU; on CPU one single-threaded actor per CPU)."),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="One GPU per actor (default: if the cluster has GPUs)."),
     rows_per_file: Optional[int] = typer.Option(None, "--rows-per-file", help="Rows per Parquet file (default: 1000)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Label only the first N images of the input."),

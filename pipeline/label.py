@@ -487,8 +487,8 @@ def build_dataset(
     cpu_stage = {**remote, "memory": DECODE_MEMORY}
     # On CPU the model is the bottleneck and its threads take every core: the light
     # stages run at a lower priority, filling the moments the model leaves idle rather
-    # than stalling its threads (a 5 % background load slowed the model 6.5 % at equal
-    # priority, 1 % at nice 10). On a GPU node decode is the stage to keep fed.
+    # than stalling its threads (a load of 10 % of one core slowed the model 6.5 % at
+    # equal priority, 1 % at nice 10). On a GPU node decode is the stage to keep fed.
     nice = 0 if gpu else CPU_STAGE_NICE
     rows, per_file, run_id = state["rows"], state["rows_per_file"], state["run_id"]
     ds = ray.data.from_items([{"chunk": k} for k in pending], override_num_blocks=min(len(pending), 10_000))
