@@ -35,7 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.train import IMAGE_EXTENSIONS, TrainJob, run_training, worker_resources  # noqa: E402
+from pipeline.cluster import worker_resources  # noqa: E402
+from pipeline.train import IMAGE_EXTENSIONS, TrainJob, run_training  # noqa: E402
 from sempart_core.config import SempartConfig  # noqa: E402
 from sempart_core.images import decode_image  # noqa: E402
 from sempart_core.model import build_model  # noqa: E402

@@ -45,7 +45,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import manifest as manifests
-from pipeline.cluster import init_ray
+from pipeline.cluster import init_ray, worker_resources
 from pipeline.schema import LABELS_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, image_id_for
 from pipeline.storage import is_s3, pyarrow_filesystem, pyarrow_s3, redact, s3_env
 from sempart_core import uri as uris
@@ -498,20 +498,20 @@ def build_dataset(
                    "image_size": cfg.data.image_size, "patch": patch, "nice": nice},
         **cpu_stage,
     )
+    per_actor, _ = worker_resources(actors, gpu)
+    infer_resources = {"num_cpus": per_actor["CPU"], "num_gpus": per_actor.get("GPU", 0.0)}
     if gpu:
-        threads, infer_resources = None, {"num_gpus": 1, "num_cpus": 1}
-        pool = ray.data.ActorPoolStrategy(size=actors)
-        infer_env = env
+        threads, pool, infer_env = None, ray.data.ActorPoolStrategy(size=actors), env
     else:
         # On CPU the model is nearly all of the work. By default there is one actor per
         # CPU, each computing with one thread: two 1-thread actors labelled 0.97 s per
         # image here where one 2-thread actor took 1.05 (its threads wait on each other
-        # whenever anything else takes a core). The actors reserve all CPUs but one,
-        # which the decode/finish tasks need to be scheduled at all. Small blocks and one
-        # task in flight per actor give each actor about one batch at a time, so that
-        # the actors share the work evenly to the end of the run.
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        threads, infer_resources = max(1, cpus // actors), {"num_cpus": max(cpus - 1, 0) / actors}
+        # whenever anything else takes a core). The actors reserve the CPUs but one
+        # (worker_resources), which the decode/finish tasks need, yet compute on their
+        # share of all of them. Small blocks and one task in flight per actor give each
+        # actor about one batch at a time, so that the actors share the work evenly to
+        # the end of the run.
+        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
         pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
         ds.context.target_max_block_size = CPU_BLOCK_BYTES
         # OpenMP threads that sleep rather than spin when another process takes a core

@@ -35,7 +35,7 @@ import ray.train.torch
 import torch
 
 from pipeline import manifest as manifests
-from pipeline.cluster import init_ray
+from pipeline.cluster import init_ray, worker_resources
 from pipeline.storage import is_s3, pyarrow_filesystem, redact, s3_env
 from sempart_core import uri
 from sempart_core.artifact import META_FILE, meta_for_backbone, save_artifact
@@ -408,23 +408,6 @@ def train_loop(loop: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-
-
-def worker_resources(workers: int, gpu: bool) -> tuple[dict[str, float], int]:
-    """(resources per worker, torch threads per worker).
-
-    A GPU worker takes one CPU and one GPU. CPU workers share the cluster's CPUs but
-    leave one (half of a lone CPU) to Ray Data's decode tasks, which would otherwise
-    never be scheduled; they take whole CPUs when there are enough, and fit on one node.
-    """
-    if gpu:
-        return {"CPU": 1.0, "GPU": 1.0}, 1
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    largest_node = max(float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n["Alive"])
-    for_data = 1.0 if cpus >= 2 else cpus / 2
-    share = min((cpus - for_data) / workers, largest_node)
-    per_worker = float(int(share)) if share >= 1 else share
-    return {"CPU": per_worker}, max(1, int(per_worker))
 
 
 def check_run(run_uri: str, cfg: SempartConfig, name: str) -> None:
