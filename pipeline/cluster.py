@@ -14,7 +14,9 @@ def init_ray() -> None:
         ray.init()
         return
     cpus = os.environ.get("SEMPART_NUM_CPUS")
-    ray.init(num_cpus=int(cpus) if cpus else None, include_dashboard=False)
+    # address="local": a fresh instance, never the cluster Ray recorded last on this
+    # machine (a stale `ray start --head` would make ray.init() hang on it).
+    ray.init(address="local", num_cpus=int(cpus) if cpus else None, include_dashboard=False)
 
 
 def worker_resources(workers: int, gpu: bool) -> tuple[dict[str, float], int]:
