@@ -95,34 +95,45 @@ def init_model(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    gt: Path = typer.Option(..., "--gt", help="Folder of ground-truth masks (PNG, >127 = object)."),
+    gt: Optional[Path] = typer.Option(None, "--gt", help="Folder of ground-truth masks (PNG, >127 = object)."),
+    boxes: Optional[Path] = typer.Option(None, "--boxes", help="Ground-truth boxes for CorLoc: a VOC Annotations folder or a COCO .json (with --model)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or URI (with --images)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images to predict."),
     pred: Optional[Path] = typer.Option(None, "--pred", help="Folder of predicted maps (PNG/.npy)."),
-    method: str = typer.Option("sempart", help="sempart | tokencut (TokenCut on the model's backbone)."),
+    method: str = typer.Option("sempart", help="sempart | tokencut (TokenCut as published, on the model's backbone) | tokencut-bs (TokenCut + bilateral solver)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the precision-recall curve PNG."),
     limit: Optional[int] = typer.Option(None, help="Evaluate at most N images."),
     batch_size: int = typer.Option(8, help="Images per forward pass."),
 ) -> None:
-    """Score masks like the salient-object literature: Acc, IoU, MAE, maxF (both conventions)."""
-    from pipeline.evaluate import evaluate_dirs, evaluate_model, write_pr_plot, write_report
+    """Score masks like the salient-object literature (Acc, IoU, MAE, maxF both conventions;
+    coarse and fine, border rule on and off) and boxes like object discovery (CorLoc)."""
+    from pipeline.annotations import read_boxes
+    from pipeline.evaluate import evaluate_dirs, evaluate_model, format_report, write_pr_plot, write_report
 
     if (pred is None) == (model is None) or (model is not None and images is None):
         raise UsageError("give either --pred DIR, or --model MODEL with --images DIR")
+    if gt is None and (pred is not None or boxes is None):
+        raise UsageError("give --gt MASKS (and/or --boxes ANNOTATIONS with --model)")
+    if boxes is not None and pred is not None:
+        raise UsageError("--boxes needs --model: CorLoc scores the boxes of the model's masks")
+    if plot is not None and gt is None:
+        raise UsageError("--plot needs --gt: the PR curve is over masks")
     if pred is not None:
         report = evaluate_dirs(pred, gt)
     else:
         from sempart_core.predictor import load_predictor
 
+        gt_boxes = read_boxes(boxes) if boxes is not None else None
         predictor = load_predictor(model, method=method, batch_size=batch_size)
-        report = evaluate_model(predictor, images, gt, limit=limit)
+        report = evaluate_model(predictor, images, gt, boxes=gt_boxes, limit=limit)
     if json_out:
         write_report(report, json_out)
     if plot:
         write_pr_plot(report, plot)
-    scalars = {k: v for k, v in report.items() if not isinstance(v, (list, dict))}
-    typer.echo(json.dumps(scalars, indent=2))
+    typer.echo(format_report(report))
+    scalars = {k: v for k, v in report.items() if not isinstance(v, list)}
+    typer.echo(json.dumps(scalars))
 
 
 @app.command("query")
