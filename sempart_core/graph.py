@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 # Rows of W built at once by `partition_ncut`: B * rows * N stays below this many
-# elements (64 Mi floats = 256 MiB), whatever the batch and image size.
-_MAX_BLOCK_ELEMENTS = 1 << 26
+# elements (16 Mi floats = 64 MiB per block), whatever the batch and image size.
+_MAX_BLOCK_ELEMENTS = 1 << 24
 
 
 @contextmanager
@@ -26,7 +26,7 @@ def no_autocast(device: torch.device) -> Iterator[None]:
 
 
 def _threshold(sim: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
-    return torch.where(sim > tau, torch.ones_like(sim), torch.full_like(sim, eps))
+    return torch.where(sim > tau, 1.0, eps)  # scalars: no full-size tensors of ones and eps
 
 
 def affinity(feats: torch.Tensor, tau: float = 0.2, eps: float = 1e-5) -> torch.Tensor:
@@ -34,7 +34,8 @@ def affinity(feats: torch.Tensor, tau: float = 0.2, eps: float = 1e-5) -> torch.
 
     Float32 whatever the input dtype and autocast (module docstring). Dense: at 480 px
     with ViT-S/8 (60 x 60 = 3600 patches) one W is 3600^2 * 4 B = 52 MB, 3.3 GB for a
-    batch of 64; only training and TokenCut's eigen-solve need it whole.
+    batch of 64, and the similarities before the threshold as much again; only training
+    and TokenCut's eigen-solve need it whole (inference's score uses `partition_ncut`).
     """
     with no_autocast(feats.device):
         f = F.normalize(feats.float(), dim=-1)
