@@ -167,22 +167,20 @@ class ModelScores:
         self.gt_boxes: list[list[list[float]]] = []
         self.n_flipped = 0
 
-    def _maps(self, pred: Prediction, rule: str) -> tuple[np.ndarray, np.ndarray]:
-        undo = rule == "border_rule_off" and pred.border_flipped
+    def add(self, pred: Prediction, gt_mask: np.ndarray | None, gt_boxes: list | None) -> None:
         if pred.coarse is None:
             raise ValueError("the prediction has no coarse map")
-        return (1.0 - pred.prob, 1.0 - pred.coarse) if undo else (pred.prob, pred.coarse)
-
-    def add(self, pred: Prediction, gt_mask: np.ndarray | None, gt_boxes: list | None) -> None:
         self.n_flipped += int(pred.border_flipped)
         for rule in self.rules:
-            fine, coarse = self._maps(pred, rule)
+            undo = rule == "border_rule_off" and pred.border_flipped
+            fine = 1.0 - pred.prob if undo else pred.prob
+            coarse = 1.0 - pred.coarse if undo else pred.coarse
             if self.sod:
                 gt = np.asarray(gt_mask)
                 self.sod[rule, "fine"].update(resize_prob(fine, gt.shape[:2]), gt)
                 self.sod[rule, "coarse"].update(resize_prob(coarse, gt.shape[:2]), gt)
             if self.pred_boxes:
-                box = pred.box if fine is pred.prob else connected_boxes(fine > self.threshold, 1)[0]
+                box = connected_boxes(fine > self.threshold, 1)[0] if undo else pred.box
                 self.pred_boxes[rule].append(box)
         if self.pred_boxes:
             self.gt_boxes.append(gt_boxes)
