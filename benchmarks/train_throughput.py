@@ -147,7 +147,9 @@ def baseline(folder: Path, cfg: SempartConfig, args: argparse.Namespace, threads
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    own_ray = not ray.is_initialized()  # a caller's Ray (the test suite's) is used as it is
+    if own_ray:
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     _, threads = worker_resources(args.workers, args.gpu)
     cfg = config(args)
     with tempfile.TemporaryDirectory(prefix="sempart-train-bench-") as tmp:
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         folder = image_folder(args, scratch)
         count = len(list(folder.iterdir()))
         ours_ips = ours(folder, cfg, args, scratch)
-        ray.shutdown()  # the baseline gets the machine to itself
+        if own_ray:
+            ray.shutdown()  # the baseline gets the machine to itself
         baseline_ips = baseline(folder, cfg, args, threads)
     ratio = ours_ips / baseline_ips
     device = torch.cuda.get_device_name(0) if args.gpu else f"CPU, {threads} torch thread(s) per side"
