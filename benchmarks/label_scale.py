@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SIZES[0]:,} vs {QUICK_SIZES[1]:,} images.")
     parser.add_argument("--sizes", type=int, nargs=2, metavar=("N1", "N2"), help="The two input sizes.")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/sempart-bench"), help="Images, model and outputs.")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "sempart-bench",
+                        help="Images, model and outputs (default: sempart-bench in the temp folder).")
     parser.add_argument("--pixels", type=int, default=64, help="Side of the generated JPEGs.")
     parser.add_argument("--backbone", default="vit_tiny_patch16_224")
     parser.add_argument("--image-size", type=int, default=32, help="Backbone input (shorter side).")

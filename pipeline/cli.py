@@ -1,4 +1,4 @@
-"""`sempart ...`: the command line (DESIGN.md, "Command line" is the contract).
+"""`sempart ...`: the command line (docs/design.md, "Command line" is the contract).
 
 Each command is a thin wrapper: parse flags, call the module that does the work, turn
 user errors into one line on stderr and an exit code (0 ok, 1 partial, 2 usage).

@@ -1,4 +1,4 @@
-"""The border rule: which side of the symmetric cut is the foreground (SEMPART.md 6).
+"""The border rule: which side of the symmetric cut is the foreground (docs/method.md).
 
 Runs on the model's output tensors, in training, evaluation and labelling alike.
 """

@@ -1,6 +1,6 @@
 """From a foreground probability map to what a pseudo-label row holds.
 
-Steps (SEMPART.md sections 6 and 7): resize the model's map to the original image,
+Steps (docs/method.md, "From map to label"): resize the model's map to the original image,
 threshold it, find connected components and their boxes, score the partition, and
 encode the mask as COCO RLE. (The border rule, which picks the foreground side of the
 cut, runs on the model's output tensors: `foreground`.) No torch here, so that the CPU
