@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Measure a GPU for sempart in one short run (under 8 minutes on one GPU, no network).
+#   bash benchmarks/gpu_check.sh          # on the GPU machine; prints one JSON line last
+#   bash benchmarks/gpu_check.sh --cpu    # every step, tiny, on the CPU (the test suite runs this)
+# Needs python3 with torch, torchvision, timm, pyarrow, pillow, typer, fsspec; ray is
+# optional (with it, `sempart label` runs end to end too). Installs this checkout
+# without dependencies or an index when `sempart_core` does not import yet.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c "import sempart_core, pipeline" 2>/dev/null; then
+    "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index -e .
+fi
+exec "$PYTHON" benchmarks/gpu_check.py "$@"
