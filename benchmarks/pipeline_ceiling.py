@@ -142,7 +142,7 @@ def tree_cpu(pid: int) -> dict[int, float]:
 STARTUP_TIMEOUT = "timed out during startup"  # Ray's 30 s limit for its raylet, met on a loaded machine
 
 
-def sempart_label(label_args: list[str], out: Path, on_start=None, attempts: int = 3) -> dict:
+def sempart_label(label_args: list[str], out: Path, on_start=None, attempts: int = 5) -> dict:
     """`sempart label ... --out OUT` in a subprocess; returns the run record. When Ray's
     node fails to start in time (a loaded machine), the run is resumed, up to `attempts`
     starts. `on_start(pid)` is called with each subprocess's pid."""
