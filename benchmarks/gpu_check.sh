@@ -9,6 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 if ! "$PYTHON" -c "import sempart_core, pipeline" 2>/dev/null; then
-    "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index -e .
+    # Without an index, the install can fail (no setuptools, another Python version than
+    # pyproject allows): the checkout then runs from its folder.
+    "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index -e . \
+        || { echo "pip install failed: running from $PWD via PYTHONPATH" >&2; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
 fi
 exec "$PYTHON" benchmarks/gpu_check.py "$@"
