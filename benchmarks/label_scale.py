@@ -351,7 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.sizes:
         folder = input_folder(args.cache, pool, n)
         print(f"labelling {n:,} images ...", flush=True)
-        results.append(label_once(args, folder, model_dir, n))
+        r = label_once(args, folder, model_dir, n)
+        results.append(r)  # printed now too, so a long second size never hides the first
+        print(f"  {n:,} images: {r.seconds:.1f} s, {r.ips:.1f} img/s, driver peak {r.driver_peak_mb:.0f} MB, "
+              f"workers (sum) {r.samples.workers_sum:.0f} MB, load {os.getloadavg()[0]:.1f}", flush=True)
     print(json.dumps(report(results, args)))
 
 
