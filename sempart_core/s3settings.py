@@ -163,7 +163,6 @@ class S3Settings:
             "anon": self.anon,
             "client_kwargs": client_kwargs,
             "config_kwargs": {k: v for k, v in self.botocore_config_kwargs().items() if k != "signature_version"},
-            "session": _aiobotocore_session(),
         }
         creds = self.credentials
         if creds:
@@ -191,10 +190,10 @@ def count_retries(events) -> None:
     events.register("request-created.s3", _on_request, unique_id="sempart-count-retries")
 
 
-def _aiobotocore_session():
-    """One aiobotocore session per process for s3fs, with the retry counter attached
-    (s3fs creates its client from it; fsspec caches file systems by their options, and
-    one session object keeps those options equal)."""
+def aiobotocore_session():
+    """One aiobotocore session per process, with the retry counter attached, for s3fs
+    to create its client from (set as the file system's `session` before it connects;
+    not passed as an option, which would make the file system unpicklable)."""
     global _session
     with _lock:
         if _session is None:

@@ -19,6 +19,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from sempart_core import s3settings
 from sempart_core.s3settings import S3Settings
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ def _storage_options(protocol: str) -> dict[str, Any]:
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec file system that serves `uri`, and the path inside it."""
     protocol = fsspec.utils.get_protocol(uri)
-    return fsspec.core.url_to_fs(uri, **_storage_options(protocol))
+    fs, path = fsspec.core.url_to_fs(uri, **_storage_options(protocol))
+    if protocol in ("s3", "s3a") and fs.session is None:  # not connected yet
+        fs.session = s3settings.aiobotocore_session()  # so that s3settings.retries() counts its retries
+    return fs, path
 
 
 def join(uri: str, *parts: str) -> str:

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.schema import image_id_for
 from pipeline.storage import pyarrow_s3, s3_client
-from sempart_core import s3settings
+from sempart_core import s3settings, uri
 from sempart_core.postprocess import rle_to_mask
 
 pytestmark = pytest.mark.integration
@@ -72,7 +72,7 @@ def client(s3_endpoint: str):
 def test_settings_reach_every_client_and_survive_pickling(s3_endpoint: str, s3_bucket: str, client,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """SEMPART_S3_MAX_ATTEMPTS bounds the attempts of pyarrow (also once pickled, as Ray
-    sends it to workers) and boto3; boto3's retries are counted."""
+    sends it to workers), boto3 and s3fs; the retries of boto3 and s3fs are counted."""
     bucket = s3_bucket.removeprefix("s3://")
     client.put_object(Bucket=bucket, Key="k", Body=b"data")
     monkeypatch.setenv("SEMPART_S3_MAX_ATTEMPTS", "2")  # pyarrow's own default is 3
@@ -86,6 +86,11 @@ def test_settings_reach_every_client_and_survive_pickling(s3_endpoint: str, s3_b
         with pytest.raises(Exception, match="SlowDown"):
             s3_client().get_object(Bucket=bucket, Key="k")
         assert proxy.counts["requests"] == proxy.counts["signed"] == 4  # keys in the environment: signed
+        assert s3settings.retries() - before == 1
+        before = s3settings.retries()
+        with pytest.raises(OSError):
+            uri.read_bytes(f"{s3_bucket}/k")  # s3fs
+        assert proxy.counts["requests"] == 6
         assert s3settings.retries() - before == 1
 
 
