@@ -12,9 +12,10 @@ SEMPART_S3_READ_TIMEOUT_S.
 
 Retries: every client uses the AWS "standard" retry mode, which retries throttling
 (503 SlowDown), 5xx answers and dropped connections with exponential backoff and full
-jitter, up to 20 s between attempts. The default 12 attempts wait ~75 s in all on
-average when every attempt is throttled (botocore: rand(0, 1) * min(2**k, 20) s before
-retry k), so a minute of throttling is ridden out.
+jitter, up to 20 s between attempts. With the default 12 attempts a request that is
+throttled every time waits about 75 s in all on average before it fails (botocore waits
+rand(0, 1) * min(2**(k-1), 20) s before retry k; pyarrow's AWS SDK waits longer), so a
+minute of throttling is ridden out.
 
 Only botocore-based clients (boto3, s3fs) can be observed: `retries()` counts their
 retries in this process. pyarrow's S3 client retries inside C++ with no hook to count.
