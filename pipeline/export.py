@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ from pipeline.schema import STATUS_EMPTY, STATUS_ERROR, STATUS_OK
 from pipeline.storage import redact
 from sempart_core.images import decode_image
 from sempart_core.postprocess import rle_to_mask
-from sempart_core.uri import read_bytes
+from sempart_core.uri import atomic_local_file, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -131,26 +130,17 @@ def iter_rows(
 @contextmanager
 def _atomic_text(path: Path) -> Iterator[IO[str]]:
     """A text file that appears at `path` only when complete (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_local_file(str(path)) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8")
+        yield text
+        text.flush()
+        text.detach()  # the raw file stays open for atomic_local_file to sync and rename
 
 
 def _save_image(image: Image.Image, path: Path, fmt: str, **params: Any) -> None:
-    """Encode in memory, then write with a rename, so no half-written image is left."""
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    """Write with a rename, so no half-written image is left."""
+    with atomic_local_file(str(path)) as f:
+        image.save(f, format=fmt, **params)
 
 
 def _count(summary: ExportSummary, status: str) -> None:

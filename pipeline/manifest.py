@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.schema import image_id_for
-from pipeline.storage import is_s3, pyarrow_filesystem, redact
+from pipeline.storage import is_s3, pyarrow_filesystem, redact, s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -71,25 +71,13 @@ def list_local(root: str) -> Iterator[dict]:
         stack.extend(reversed(subfolders))  # depth-first, in name order
 
 
-def _s3_client():
-    """boto3 client from the same settings as storage.pyarrow_s3 (endpoint, region, anon)."""
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    config = Config(signature_version=UNSIGNED) if os.environ.get("SEMPART_S3_ANON") == "1" else None
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
-
-
 def list_s3(prefix_uri: str, page_size: int = 1000) -> Iterator[dict]:
     """Image objects under an s3:// prefix, streamed page by page (key order)."""
     parsed = urlparse(prefix_uri)
     bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
     if prefix and not prefix.endswith("/"):
         prefix += "/"  # a folder: s3://b/img must not match s3://b/img2/...
-    pages = _s3_client().get_paginator("list_objects_v2").paginate(
+    pages = s3_client().get_paginator("list_objects_v2").paginate(
         Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
     )
     for page in pages:
