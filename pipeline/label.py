@@ -269,7 +269,7 @@ class Infer:
                 images = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(h, w, 3) for i in rows])
                 raws = infer_splitting(self.predictor.infer, images, patch, [(width[i], height[i]) for i in rows])
             except Exception as exc:  # noqa: BLE001 - one bad batch, not the block
-                raws = [RuntimeError(f"inference failed: {_one_line(exc)}")] * len(rows)
+                raws = [f"inference failed: {_one_line(exc)}"] * len(rows)
             for i, raw in zip(rows, raws):
                 if isinstance(raw, RawPrediction):
                     probs[i], ncuts[i] = raw.prob.astype(np.float32).tobytes(), raw.ncut

@@ -8,15 +8,16 @@ label driver and its CPU stages, which read the default budget, need no torch.
 Sizing the default token budget (ViT-S/8 on a 24 GB GPU). The backbone (flash
 attention under bf16) and the heads grow linearly with the tokens of a batch; the
 semantic graph (`graph.affinity`) does not: for each image it holds a float32
-similarity of N x N token pairs, a boolean mask, two filler tensors and the result, about
-17 bytes per pair at its peak. A batch of k images of N tokens each then peaks near
-17 * k * N^2 = 17 * (k * N) * N bytes, which a budget T on k * N bounds by 17 * T * N.
-The largest input at the default 320 px is 40 x 160 patches (4:1, the aspect cap),
-6,400 tokens: 17 * 65,536 * 6,400 = 7.1 GB. At 480 px a 4:1 panorama has 14,400 tokens:
-four of them share a batch (57,600 tokens), about 14 GB, which leaves room on a 24 GB
-GPU for the model, the CUDA context and the linear terms; 32 of them would need 113 GB.
-Eight 320 x 320 images (1,600 tokens each) use 12,800 tokens. When an estimate is wrong,
-the halving below still finishes the batch.
+similarity of N x N token pairs, a boolean mask, two filler tensors and the result,
+17 bytes per pair by count (peak RSS on CPU measured 18-19 bytes per pair at N = 3,000).
+A batch of k images of N tokens each then peaks near 19 * k * N^2 = 19 * (k * N) * N
+bytes, which a budget T on k * N bounds by 19 * T * N. The largest input at the default
+320 px is 40 x 160 patches (4:1, the aspect cap), 6,400 tokens: 19 * 65,536 * 6,400 =
+8.0 GB. At 480 px a 4:1 panorama has 14,400 tokens: four of them share a batch (57,600
+tokens), about 15.8 GB, which leaves room on a 24 GB GPU for the model, the CUDA context
+and the linear terms; 32 of them would need 126 GB. Eight 320 x 320 images (1,600 tokens
+each) use 12,800 tokens. Where the estimate is wrong, the halving below still finishes
+the batch.
 """
 from __future__ import annotations
 

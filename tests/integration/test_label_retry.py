@@ -160,13 +160,15 @@ def test_retry_killed_midway_then_rerun(model: str, tmp_path: Path, ray_session)
 
     log = tmp_path / "retry.log"
     proc = label_process([*args, "--resume", "--retry-errors"], log)
-    deadline = time.monotonic() + 240
-    while not any(Path(p).stat().st_mtime_ns != m for p, m in mtimes.items()):
-        assert proc.poll() is None, f"exited ({proc.returncode}) before rewriting a part:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, "no part file rewritten in time"
-        time.sleep(0.02)
-    kill_session(proc.pid)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 600
+        while not any(Path(p).stat().st_mtime_ns != m for p, m in mtimes.items()):
+            assert proc.poll() is None, f"exited ({proc.returncode}) before rewriting a part:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no part file rewritten in time"
+            time.sleep(0.02)
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
 
     rows = table(store)
     check_table(rows, uris)  # one row per image at the kill
