@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
 from sempart_core.config import SempartConfig, load_config
 
 # Plain tracebacks: typer's rich ones print local variables, which may hold secrets.
@@ -218,7 +219,9 @@ def label_cmd(
     input: str = typer.Option(..., "--input", help="Folder/prefix of images, manifest .parquet, or text file of URIs."),
     out: str = typer.Option(..., "--out", help="Output folder/prefix; the table is OUT/part-*.parquet."),
     resume: bool = typer.Option(False, "--resume", help="Finish the interrupted run in OUT."),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="With --resume: label the run's error rows again, rewriting their part files in place."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per model call."),
+    max_batch_tokens: int = typer.Option(DEFAULT_MAX_BATCH_TOKENS, "--max-batch-tokens", help="Backbone tokens (patches) per model call, all images together (default sized for ViT-S/8 on a 24 GB GPU); a batch out of memory is split in halves."),
     actors: Optional[int] = typer.Option(None, "--actors", help="Inference actors (default: one per GPU; on CPU one single-threaded actor per CPU)."),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="One GPU per actor (default: if the cluster has GPUs)."),
     rows_per_file: Optional[int] = typer.Option(None, "--rows-per-file", help="Rows per Parquet file (default: 1000)."),
@@ -237,7 +240,8 @@ def label_cmd(
     try:
         summary = run_label(
             LabelOptions(model=model, input=input, out=out, resume=resume, batch_size=batch_size, actors=actors,
-                         gpu=gpu, rows_per_file=rows_per_file, limit=limit)
+                         gpu=gpu, rows_per_file=rows_per_file, limit=limit, retry_errors=retry_errors,
+                         max_batch_tokens=max_batch_tokens)
         )
     except IncompleteRunError as exc:
         fail(str(exc), code=EXIT_PARTIAL)

@@ -13,7 +13,6 @@ the post-inference refinement SEMPART's fine branch replaces).
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import replace
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 
 from .artifact import LoadedArtifact, read_artifact
 from .backbone import Backbone, build_backbone, create_vit
+from .batching import DEFAULT_MAX_BATCH_TOKENS, ImageOutOfMemory, infer_splitting, plan_batches
 from .config import SempartConfig
 from .bilateral import BilateralConfig, refine_mask
 from .foreground import foreground_rule
@@ -64,6 +64,7 @@ class Predictor:
         self.meta = meta or {}
         self.batch_size = batch_size
         self.bilateral = bilateral
+        self.max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS  # see sempart_core/batching.py
         # bf16 on GPU: the backbone dominates the cost; the graph stays float32 (graph.py).
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
 
@@ -117,19 +118,19 @@ class Predictor:
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Predictions for RGB uint8 images of any sizes, each at its own size.
 
-        Images are grouped by input size and run in batches of `batch_size`.
+        Images are grouped by input size into batches of at most `batch_size` images and
+        `max_batch_tokens` tokens; a batch out of memory is split (`infer_splitting`), and
+        an image out of memory alone raises `ImageOutOfMemory`.
         """
         prepared = [self.prepare(im) for im in images]
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, p in enumerate(prepared):
-            groups[p.shape[:2]].append(i)
         results: list[Prediction | None] = [None] * len(images)
-        for idx in groups.values():
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start : start + self.batch_size]
-                raws = self.infer(np.stack([prepared[i] for i in chunk]))
-                for i, raw in zip(chunk, raws):
-                    results[i] = self.finish(raw, *images[i].shape[:2], rgb=images[i])
+        shapes = [p.shape[:2] for p in prepared]
+        for idx in plan_batches(shapes, self.patch, self.batch_size, self.max_batch_tokens):
+            batch, sizes = np.stack([prepared[i] for i in idx]), [images[i].shape[1::-1] for i in idx]
+            for i, raw in zip(idx, infer_splitting(self.infer, batch, self.patch, sizes)):
+                if isinstance(raw, ImageOutOfMemory):
+                    raise raw
+                results[i] = self.finish(raw, *images[i].shape[:2], rgb=images[i])
         return results  # type: ignore[return-value]
 
 
