@@ -1,18 +1,23 @@
 """`sempart label`: manifest -> fetch + decode -> model (actor pool) -> masks -> Parquet.
 
 Stages (Ray Data, streaming; see DESIGN.md "Labelling pipeline"):
-  1. chunk descriptors -> manifest rows (`read_manifest_slice`, pyarrow file system)
-  2. fetch bytes, `decode_image`, `prepare_image`; a bad image becomes an error row,
-     never a failed block (1 and 2: one CPU task per chunk)
+  1. chunk descriptors -> the chunk's images (`sources.ChunkSource`: image files by
+     manifest rows, a WebDataset shard read as one stream, or rows of Parquet files)
+  2. `decode_image`, `prepare_image`; a bad image becomes an error row, never a failed
+     block (1 and 2: one CPU task per chunk)
   3. actor pool: the model loaded once per actor, `Predictor.infer` per group of equal
      prepared shapes (one GPU per actor with --gpu; bf16 inside the Predictor)
   4. CPU tasks: `finish_raw` (resize, threshold, boxes, score), COCO RLE
   5. one writer actor: collects each chunk's rows and writes the chunk's file.
 
-Exactly once. The manifest is fixed when a run starts (a folder or URI list is listed
-into OUT/_manifests/<run_id>.parquet), and chunk k is its rows
-[k * rows_per_file, (k + 1) * rows_per_file). Chunk k is written to exactly one file,
-OUT/part-<run_id>-<k:06d>.parquet, only once all of its rows are there: locally under
+Exactly once. The manifest is fixed when a run starts (an input other than a manifest
+is listed into OUT/_manifests/<run_id>.parquet), and chunk k is its rows
+[k * rows_per_file, (k + 1) * rows_per_file), or shard k of a WebDataset input (one
+manifest row per shard, whose sample count is known only once it is read). Each row
+carries (chunk, row in chunk); a decode task ends each chunk with an end-of-chunk row
+holding the chunk's row count, which flows through the later stages to the writer.
+Chunk k is written to exactly one file,
+OUT/part-<run_id>-<k:06d>.parquet, only once its end row and all of its rows are there: locally under
 OUT/_tmp/ and then renamed (atomic), on S3 straight to the key (an object appears only
 when its upload completes). So the readable table, OUT/part-*.parquet, is always a set
 of complete chunks; a kill at any moment loses at most the chunks in flight, and
@@ -23,7 +28,6 @@ manifest and chunking. Readers skip `_`-prefixed paths (_tmp, _runs, _manifests)
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -37,7 +41,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -45,9 +48,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import manifest as manifests
+from pipeline import sources
 from pipeline.cluster import init_ray, worker_resources
 from pipeline.schema import LABELS_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, image_id_for
-from pipeline.storage import is_s3, pyarrow_filesystem, pyarrow_s3, redact, s3_env
+from pipeline.storage import pyarrow_filesystem, redact, s3_env
 from sempart_core import uri as uris
 from sempart_core.config import PostConfig
 from sempart_core.images import decode_image, prepare_image
@@ -70,9 +74,13 @@ DECODE_BATCH = 16  # images per table yielded by a decode task
 CPU_STAGE_NICE = 10  # scheduling priority of the light stages when the model runs on CPU
 CPU_BLOCK_BYTES = 2**20  # block size on CPU: a few 320 px images, so an actor task is ~one batch
 
+END_OF_CHUNK = "end of chunk"  # the error text of a chunk's end row (dropped by the writer)
+
 DECODED_SCHEMA = pa.schema(
     [
-        ("row", pa.int64()),
+        ("chunk", pa.int64()),
+        ("row", pa.int64()),  # in the chunk; -1 on the end row
+        ("chunk_rows", pa.int64()),  # the end row: the chunk's row count; null on image rows
         ("image_id", pa.string()),
         ("uri", pa.string()),
         ("width", pa.int32()),
@@ -86,7 +94,7 @@ DECODED_SCHEMA = pa.schema(
 INFERRED_SCHEMA = DECODED_SCHEMA.remove(DECODED_SCHEMA.get_field_index("pixels")).append(
     pa.field("prob", pa.large_binary())  # float32 [in_h, in_w]
 ).append(pa.field("ncut", pa.float64()))
-ROWS_SCHEMA = LABELS_SCHEMA.insert(0, pa.field("row", pa.int64()))
+ROWS_SCHEMA = pa.schema(list(DECODED_SCHEMA)[:3] + list(LABELS_SCHEMA), metadata=LABELS_SCHEMA.metadata)
 
 
 class LabelUsageError(ValueError):
@@ -110,6 +118,8 @@ class LabelOptions:
     gpu: bool | None = None  # default: use GPUs when the cluster has some
     rows_per_file: int | None = None  # default DEFAULT_ROWS_PER_FILE; fixed per run
     limit: int | None = None  # first N manifest rows; fixed per run
+    image_column: str | None = None  # Parquet input: the column of image bytes (default: detected)
+    id_column: str | None = None  # Parquet input: the column of image ids (default: sha1 of uri)
 
     def public(self) -> dict:
         """The options with URIs redacted, for logs and _runs/*.json."""
@@ -148,45 +158,33 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
 
 
-@functools.lru_cache(maxsize=1)
-def _s3_fs() -> pafs.S3FileSystem:
-    return pyarrow_s3()  # one client per worker process, not per image
+def decode_sample(sample: sources.Sample, image_size: int, patch: int) -> dict:
+    """Decode and prepare one image; any failure becomes the row's error."""
+    rec = {"uri": sample.uri, "image_id": sample.image_id}
+    try:
+        if sample.error is not None:
+            raise sample.error
+        rgb = decode_image(sample.data)
+        rec.update(height=rgb.shape[0], width=rgb.shape[1])
+        prepared = np.ascontiguousarray(prepare_image(rgb, image_size, patch))
+        rec.update(in_h=prepared.shape[0], in_w=prepared.shape[1], pixels=prepared.tobytes())
+    except Exception as exc:  # noqa: BLE001 - bad input must not fail the block
+        rec["error"] = _one_line(exc)
+    return rec
 
 
-def fetch_bytes(uri: str) -> bytes:
-    """The object's bytes, through pyarrow (local path, file:// or s3://)."""
-    if is_s3(uri):
-        parsed = urlparse(uri)
-        fs, path = _s3_fs(), f"{parsed.netloc}{parsed.path}"
-    else:
-        fs, path = pyarrow_filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def read_chunks(batch: pa.Table, manifest: str, rows_per_file: int, total: int) -> pa.Table:
-    """Chunk indices -> their manifest rows (row, uri, image_id)."""
-    tables = []
-    for k in batch.column("chunk").to_pylist():
-        start = k * rows_per_file
-        tables.append(manifests.read_manifest_slice(manifest, start, min(start + rows_per_file, total)))
-    return pa.concat_tables(tables)
-
-
-def decode_batch(batch: pa.Table, image_size: int, patch: int) -> pa.Table:
-    """Fetch, decode and prepare each image; any failure becomes that row's error."""
-    out = []
-    for row, uri, image_id in zip(*(batch.column(c).to_pylist() for c in ("row", "uri", "image_id"))):
-        rec = {"row": row, "uri": uri, "image_id": image_id or image_id_for(uri)}
-        try:
-            rgb = decode_image(fetch_bytes(uri))
-            rec.update(height=rgb.shape[0], width=rgb.shape[1])
-            prepared = np.ascontiguousarray(prepare_image(rgb, image_size, patch))
-            rec.update(in_h=prepared.shape[0], in_w=prepared.shape[1], pixels=prepared.tobytes())
-        except Exception as exc:  # noqa: BLE001 - bad input must not fail the block
-            rec["error"] = _one_line(exc)
-        out.append(rec)
-    return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+def decode_samples(samples: Iterator[sources.Sample], chunk: int, image_size: int, patch: int) -> Iterator[pa.Table]:
+    """One chunk's samples -> decoded rows, DECODE_BATCH per table, then its end row."""
+    out: list[dict] = []
+    n = 0
+    for sample in samples:
+        out.append({**decode_sample(sample, image_size, patch), "chunk": chunk, "row": n})
+        n += 1
+        if len(out) == DECODE_BATCH:
+            yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+            out = []
+    out.append({"chunk": chunk, "row": -1, "chunk_rows": n, "uri": "", "image_id": "", "error": END_OF_CHUNK})
+    yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
 
 
 def lower_priority(nice: int) -> None:
@@ -197,18 +195,17 @@ def lower_priority(nice: int) -> None:
 
 
 def decode_chunks(
-    batch: pa.Table, manifest: str, rows_per_file: int, total: int, image_size: int, patch: int, nice: int = 0
+    batch: pa.Table, source: sources.ChunkSource, image_size: int, patch: int, nice: int = 0
 ) -> Iterator[pa.Table]:
     """Chunk indices -> decoded rows, DECODE_BATCH images per yielded table.
 
-    One stage run with one chunk per task: as two fused stages (read_chunks, then
-    decode_batch with batch_size 16), Ray Data gave each task 16 chunk indices (the
-    larger batch size of the two), so each stage held 16,000 images in one block and
-    the run advanced in a few large waves."""
+    One stage with one chunk per task: as two fused stages (read the chunk, then decode
+    with batch_size 16), Ray Data gave each task 16 chunk indices (the larger batch size
+    of the two), so each stage held 16,000 images in one block and the run advanced in a
+    few large waves."""
     lower_priority(nice)
-    rows = read_chunks(batch, manifest, rows_per_file, total)
-    for start in range(0, rows.num_rows, DECODE_BATCH):
-        yield decode_batch(rows.slice(start, DECODE_BATCH), image_size, patch)
+    for chunk in batch.column("chunk").to_pylist():
+        yield from decode_samples(source.samples(chunk), chunk, image_size, patch)
 
 
 class Infer:
@@ -261,7 +258,7 @@ def finish_batch(batch: pa.Table, post: PostConfig, model_id: str, run_id: str, 
     now = datetime.now(timezone.utc)
     out = []
     for r in batch.to_pylist():
-        rec = {k: r[k] for k in ("row", "image_id", "uri", "width", "height")}
+        rec = {k: r[k] for k in ("chunk", "row", "chunk_rows", "image_id", "uri", "width", "height")}
         rec.update(model_id=model_id, run_id=run_id, labeled_at=now, error=r["error"])
         if r["error"] is None:
             try:
@@ -299,39 +296,43 @@ def write_part(table: pa.Table, out: str, name: str) -> None:
 
 
 class ChunkWriter:
-    """Actor (exactly one): buffers rows per chunk, writes a chunk when it is complete.
+    """Actor (exactly one): buffers rows per chunk, writes a chunk when it is complete:
+    its end row has come (with the chunk's row count) and that many distinct rows.
 
     Emits one summary row per written file. Rows seen twice (a retried upstream task)
     are kept once; rows of a chunk already written are dropped.
     """
 
-    def __init__(self, out: str, run_id: str, rows_per_file: int, total: int, nice: int = 0):
+    def __init__(self, out: str, run_id: str, nice: int = 0):
         lower_priority(nice)
-        self.out, self.run_id, self.rows_per_file, self.total = out, run_id, rows_per_file, total
+        self.out, self.run_id = out, run_id
         self.parts: dict[int, list[pa.Table]] = defaultdict(list)
         self.seen: dict[int, set[int]] = defaultdict(set)
+        self.expected: dict[int, int] = {}
         self.written: set[int] = set()
-
-    def expected(self, chunk: int) -> int:
-        return min(self.rows_per_file, self.total - chunk * self.rows_per_file)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         done = []
-        rows = batch.column("row").to_numpy()
-        chunks = rows // self.rows_per_file
+        chunks, rows = batch.column("chunk").to_numpy(), batch.column("row").to_numpy()
+        ends = batch.column("chunk_rows").to_pylist()
         for chunk in map(int, np.unique(chunks)):
             if chunk in self.written:
                 continue
-            keep = [i for i in np.flatnonzero(chunks == chunk) if int(rows[i]) not in self.seen[chunk]]
-            self.seen[chunk].update(int(rows[i]) for i in keep)
+            keep = []
+            for i in np.flatnonzero(chunks == chunk):
+                if ends[i] is not None:
+                    self.expected[chunk] = ends[i]
+                elif int(rows[i]) not in self.seen[chunk]:
+                    self.seen[chunk].add(int(rows[i]))
+                    keep.append(i)
             self.parts[chunk].append(batch.take(keep))
-            if len(self.seen[chunk]) == self.expected(chunk):
+            if len(self.seen[chunk]) == self.expected.get(chunk):
                 done.append(self.flush(chunk))
         return pa.Table.from_pylist(done, schema=SUMMARY_SCHEMA)
 
     def flush(self, chunk: int) -> dict:
-        table = pa.concat_tables(self.parts.pop(chunk)).sort_by("row").drop_columns(["row"])
-        del self.seen[chunk]
+        table = pa.concat_tables(self.parts.pop(chunk)).sort_by("row").drop_columns(["chunk", "row", "chunk_rows"])
+        del self.seen[chunk], self.expected[chunk]
         self.written.add(chunk)
         counts = status_counts(table.column("status").to_pylist())
         meta = {**LABELS_SCHEMA.metadata, COUNTS_KEY: json.dumps(counts).encode()}
@@ -412,11 +413,15 @@ def _new_run(opts: LabelOptions, model_id: str) -> dict:
     if any(i.base_name.startswith("part-") for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))):
         raise LabelUsageError(f"{redact(opts.out)} already holds part files of another run: use a new OUT")
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    kind = manifests.source_kind(opts.input)
+    kind = sources.input_kind(opts.input, opts.image_column)
+    image_column = sources.resolve_image_column(opts.input, opts.image_column) if kind == sources.PARQUET else None
+    if kind == sources.SHARDS and (opts.rows_per_file is not None or opts.limit is not None):
+        raise LabelUsageError("--rows-per-file and --limit do not apply to .tar shards (one file per shard): drop them")
     manifest_rel = None
     if kind != "manifest":
         manifest_rel = f"_manifests/{run_id}.parquet"
-        manifests.write_manifest(manifests.input_rows(opts.input), uris.join(opts.out, manifest_rel))
+        rows, schema = sources.run_manifest(kind, opts.input, image_column, opts.id_column)
+        manifests.write_manifest(rows, uris.join(opts.out, manifest_rel), schema=schema)
     manifest = uris.join(opts.out, manifest_rel) if manifest_rel else opts.input
     n = manifests.manifest_rows(manifest)
     return {
@@ -425,10 +430,11 @@ def _new_run(opts: LabelOptions, model_id: str) -> dict:
         "schema_version": SCHEMA_VERSION,
         "model_id": model_id,
         "input_kind": kind,
+        "image_column": image_column,
         "manifest": manifest_rel,  # relative to OUT; null: the input is the manifest
         "manifest_rows": n,
         "rows": n if opts.limit is None else min(n, opts.limit),
-        "rows_per_file": opts.rows_per_file or DEFAULT_ROWS_PER_FILE,
+        "rows_per_file": 1 if kind == sources.SHARDS else opts.rows_per_file or DEFAULT_ROWS_PER_FILE,
         "limit": opts.limit,
         "config": opts.public(),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -492,10 +498,11 @@ def build_dataset(
     nice = 0 if gpu else CPU_STAGE_NICE
     rows, per_file, run_id = state["rows"], state["rows_per_file"], state["run_id"]
     ds = ray.data.from_items([{"chunk": k} for k in pending], override_num_blocks=min(len(pending), 10_000))
+    source = sources.ChunkSource(kind=state["input_kind"], manifest=manifest, rows_per_file=per_file, total=rows,
+                                 out=opts.out, run_id=run_id, image_column=state.get("image_column"))
     ds = ds.map_batches(
         decode_chunks, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"manifest": manifest, "rows_per_file": per_file, "total": rows,
-                   "image_size": cfg.data.image_size, "patch": patch, "nice": nice},
+        fn_kwargs={"source": source, "image_size": cfg.data.image_size, "patch": patch, "nice": nice},
         **cpu_stage,
     )
     per_actor, _ = worker_resources(actors, gpu)
@@ -530,8 +537,7 @@ def build_dataset(
     return ds.map_batches(
         ChunkWriter, batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
-        fn_constructor_kwargs={"out": opts.out, "run_id": run_id, "rows_per_file": per_file, "total": rows,
-                               "nice": nice},
+        fn_constructor_kwargs={"out": opts.out, "run_id": run_id, "nice": nice},
         **remote,
     )
 
