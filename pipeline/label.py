@@ -16,12 +16,12 @@ is listed into OUT/_manifests/<run_id>.parquet), and chunk k is its rows
 manifest row per shard, whose sample count is known only once it is read). Each row
 carries (chunk, row in chunk); a decode task ends each chunk with an end-of-chunk row
 holding the chunk's row count, which flows through the later stages to the writer.
-Chunk k is written to exactly one file,
-OUT/part-<run_id>-<k:06d>.parquet, only once its end row and all of its rows are there: locally under
-OUT/_tmp/ and then renamed (atomic), on S3 straight to the key (an object appears only
-when its upload completes). So the readable table, OUT/part-*.parquet, is always a set
-of complete chunks; a kill at any moment loses at most the chunks in flight, and
-`--resume` lists the part files, skips their chunks and labels the rest. A chunk
+Chunk k is written to exactly one file, OUT/part-<run_id>-<k:06d>.parquet, only once its
+end row and all of its rows are there: locally under OUT/_tmp/ and then renamed
+(atomic), on S3 straight to the key (an object appears only when its upload completes).
+So the readable table, OUT/part-*.parquet, is always a set of complete chunks; a kill at
+any moment loses at most the chunks in flight, and `--resume` lists the part files,
+skips their chunks and labels the rest. A chunk
 written twice (a zombie writer of a killed run) lands under the same name with the same
 rows. The run's settings live in OUT/_runs/<run_id>.json, so a resume keeps the run id,
 manifest and chunking. Readers skip `_`-prefixed paths (_tmp, _runs, _manifests).
@@ -160,7 +160,7 @@ def _one_line(exc: BaseException) -> str:
 
 def decode_sample(sample: sources.Sample, image_size: int, patch: int) -> dict:
     """Decode and prepare one image; any failure becomes the row's error."""
-    rec = {"uri": sample.uri, "image_id": sample.image_id}
+    rec = {"uri": sample.uri, "image_id": sample.image_id or image_id_for(sample.uri)}
     try:
         if sample.error is not None:
             raise sample.error
