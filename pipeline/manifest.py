@@ -17,6 +17,7 @@ written, so "rows [a, b)" names the same images on every resume.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import uuid
@@ -127,8 +128,23 @@ def list_s3(
                 )
                 yield key, row
 
-    with ThreadPoolExecutor(threads) as pool:
+    pool = ThreadPoolExecutor(threads)
+    try:
         yield from in_key_order(entries(prefix), lambda sub: pool.submit(lambda: list(entries(sub))), threads)
+    finally:
+        pool.shutdown(cancel_futures=True)  # also when the reader stops early
+
+
+def first_names(src: str, n: int = 1000) -> list[str]:
+    """URIs of up to `n` files under a folder or S3 prefix, cheaply (one S3 request), to
+    tell what kind of files it holds."""
+    if is_s3(src):
+        parsed = urlparse(src)
+        prefix = parsed.path.lstrip("/")
+        prefix += "/" if prefix and not prefix.endswith("/") else ""
+        page = _s3_client().list_objects_v2(Bucket=parsed.netloc, Prefix=prefix, MaxKeys=n)
+        return [f"{parsed.scheme}://{parsed.netloc}/{o['Key']}" for o in page.get("Contents", [])]
+    return [row["uri"] for row in itertools.islice(list_images(src, accept=lambda name: True), n)]
 
 
 def in_key_order(

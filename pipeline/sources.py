@@ -165,10 +165,10 @@ def input_kind(src: str, image_column: str | None = None) -> str:
         return SHARDS if _is_shard_name(src) or _is_shard_name(_first_uri(src) or "") else kind
     if kind == "manifest":
         return PARQUET if find_image_column(_parquet_schema(src), image_column, src) else kind
-    first = next(manifests.list_images(src, accept=lambda n: _is_shard_name(n) or _is_parquet_name(n)), None)
-    if first is not None and _is_shard_name(first["uri"]):
+    names = manifests.first_names(src)
+    if any(map(_is_shard_name, names)):
         return SHARDS
-    if first is not None and next(manifests.list_images(src), None) is None:
+    if any(map(_is_parquet_name, names)) and not any(map(manifests.is_image_name, names)):
         return PARQUET
     return kind
 
@@ -197,12 +197,10 @@ def run_manifest(kind: str, src: str, image_column: str | None, id_column: str |
 def _shard_rows(src: str) -> Iterator[dict]:
     if _BRACES.search(src):
         return ({"uri": u, "image_id": image_id_for(u)} for u in expand_braces(src))
-    kind = manifests.source_kind(src)
-    if kind == "list":
-        return ({**row, "image_id": image_id_for(row["uri"])} for row in manifests.read_uri_list(src))
-    fs, path = pyarrow_filesystem(src)
-    if kind == "manifest" or fs.get_file_info(path).type == pafs.FileType.File:  # one .tar
+    if _is_shard_name(src):  # one .tar
         return iter([{"uri": src, "image_id": image_id_for(src)}])
+    if manifests.source_kind(src) == "list":
+        return ({**row, "image_id": image_id_for(row["uri"])} for row in manifests.read_uri_list(src))
     return manifests.list_images(src, accept=_is_shard_name)
 
 
