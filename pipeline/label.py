@@ -325,13 +325,15 @@ class ChunkWriter:
                 elif int(rows[i]) not in self.seen[chunk]:
                     self.seen[chunk].add(int(rows[i]))
                     keep.append(i)
-            self.parts[chunk].append(batch.take(keep))
+            if keep:
+                self.parts[chunk].append(batch.take(pa.array(keep, pa.int64())))
             if len(self.seen[chunk]) == self.expected.get(chunk):
                 done.append(self.flush(chunk))
         return pa.Table.from_pylist(done, schema=SUMMARY_SCHEMA)
 
     def flush(self, chunk: int) -> dict:
-        table = pa.concat_tables(self.parts.pop(chunk)).sort_by("row").drop_columns(["chunk", "row", "chunk_rows"])
+        table = pa.concat_tables(self.parts.pop(chunk, []) or [ROWS_SCHEMA.empty_table()])
+        table = table.sort_by("row").drop_columns(["chunk", "row", "chunk_rows"])
         del self.seen[chunk], self.expected[chunk]
         self.written.add(chunk)
         counts = status_counts(table.column("status").to_pylist())
