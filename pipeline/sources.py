@@ -467,6 +467,8 @@ class ImageReader:
             return fetch_range(m.group("file"), offset, size)
         if m := _PARQUET_URI.match(uri):
             return self._parquet_cell(m.group("file"), int(m.group("row")))
+        if _is_shard_name(uri):  # the row of a broken shard: not an image, and never read whole
+            raise ValueError(f"{redact(uri)} is a shard, not an image")
         try:
             return fetch_bytes(uri)
         except (FileNotFoundError, OSError, ValueError):
