@@ -199,6 +199,8 @@ def test_parquet_image_bytes(store: Store, model: str, tmp_path: Path) -> None:
     gallery = CliRunner().invoke(app, ["export", store.uri("out"), "--gallery", str(tmp_path / "gallery")])
     assert gallery.exit_code == 0 and "7 written, 2 images unreadable" in gallery.output, gallery.output
 
+    if store.root.startswith("s3://"):
+        return  # the rest reads the input like the local run does
     other = tmp_path / "explicit"  # --image-column named, ids from the uri
     explicit = CliRunner().invoke(app, ["label", "--model", model, "--input", expect["p4"]["uri"].split("#")[0],
                                         "--out", str(other), "--image-column", "image", "--no-gpu"])
