@@ -198,25 +198,30 @@ S3_ANON_HELP = "Read S3 without credentials (public buckets)."
 @app.command("manifest")
 @user_errors
 def manifest_cmd(
-    src: str = typer.Argument(..., help="Folder, file:// or s3:// prefix of images."),
+    src: str = typer.Argument(..., help="Folder, file:// or s3:// prefix of images (S3: listed in parallel)."),
     out: str = typer.Option(..., "--out", help="Manifest Parquet to write (path or s3:// URI)."),
     s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help=S3_ENDPOINT_HELP),
     s3_anon: bool = typer.Option(False, "--s3-anon", help=S3_ANON_HELP),
 ) -> None:
-    """List images once (paginated, streamed) into a manifest: uri, image_id, size, etag."""
+    """List images once (streamed, S3 prefixes in parallel) into a manifest: uri, image_id,
+    size, etag. `label --input MANIFEST.parquet` then lists nothing."""
+    import time
+
     from pipeline.manifest import build_manifest
     from pipeline.storage import configure_s3, redact
 
     configure_s3(s3_endpoint, s3_anon)
+    start = time.perf_counter()
     count = build_manifest(src, out)
-    typer.echo(f"manifest: {count} images -> {redact(out)}")
+    seconds = time.perf_counter() - start
+    typer.echo(f"manifest: {count} images -> {redact(out)} in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} keys/s)")
 
 
 @app.command("label")
 @user_errors
 def label_cmd(
     model: str = typer.Option(..., "--model", help="Model folder or URI."),
-    input: str = typer.Option(..., "--input", help="Folder/prefix of images, manifest .parquet, or text file of URIs."),
+    input: str = typer.Option(..., "--input", help="Folder/prefix of images, manifest .parquet, text file of URIs, WebDataset .tar shards (folder/prefix, {00000..00099} pattern or list), or Parquet files of image bytes."),
     out: str = typer.Option(..., "--out", help="Output folder/prefix; the table is OUT/part-*.parquet."),
     resume: bool = typer.Option(False, "--resume", help="Finish the interrupted run in OUT."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="With --resume: label the run's error rows again, rewriting their part files in place."),
@@ -226,6 +231,8 @@ def label_cmd(
     gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="One GPU per actor (default: if the cluster has GPUs)."),
     rows_per_file: Optional[int] = typer.Option(None, "--rows-per-file", help="Rows per Parquet file (default: 1000)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Label only the first N images of the input."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet input: column of image bytes (binary or struct with 'bytes'; default: image, jpg, img or bytes)."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet input: column of image ids (default: sha1 of the uri)."),
     s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help=S3_ENDPOINT_HELP),
     s3_anon: bool = typer.Option(False, "--s3-anon", help=S3_ANON_HELP),
 ) -> None:
@@ -241,7 +248,7 @@ def label_cmd(
         summary = run_label(
             LabelOptions(model=model, input=input, out=out, resume=resume, batch_size=batch_size, actors=actors,
                          gpu=gpu, rows_per_file=rows_per_file, limit=limit, retry_errors=retry_errors,
-                         max_batch_tokens=max_batch_tokens)
+                         max_batch_tokens=max_batch_tokens, image_column=image_column, id_column=id_column)
         )
     except IncompleteRunError as exc:
         fail(str(exc), code=EXIT_PARTIAL)

@@ -36,10 +36,11 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from pipeline.query import query_batches, where_query
 from pipeline.schema import STATUS_EMPTY, STATUS_ERROR, STATUS_OK
+from pipeline.sources import ImageReader
 from pipeline.storage import redact
 from sempart_core.images import decode_image
 from sempart_core.postprocess import rle_to_mask
-from sempart_core.uri import atomic_local_file, read_bytes
+from sempart_core.uri import atomic_local_file
 
 logger = logging.getLogger(__name__)
 
@@ -265,10 +266,11 @@ def export_masks(out_uri: str, folder: str | Path, where: str | None = None) -> 
 GALLERY_COLUMNS = ["image_id", "uri", "width", "height", "status", "error", "mask_rle", "box", "boxes", "score"]
 
 
-def load_rgb(uri: str) -> np.ndarray | None:
-    """The image at `uri` as RGB, or None if it cannot be read or decoded (any reason)."""
+def load_rgb(uri: str, reader: ImageReader | None = None) -> np.ndarray | None:
+    """The image a row's `uri` names as RGB (a file, a tar member, a Parquet row: see
+    `ImageReader`, given the labels' OUT), or None if it cannot be read or decoded."""
     try:
-        return decode_image(read_bytes(uri))
+        return decode_image((reader or ImageReader()).read(uri))
     except Exception as exc:  # missing, unreadable, not an image: all get a placeholder
         logger.debug("gallery: cannot read %s: %s", redact(uri), exc)
         return None
@@ -320,9 +322,11 @@ def _draw_box(draw: ImageDraw.ImageDraw, box: list[float], sx: float, sy: float,
     draw.rectangle([x1 * sx, y1 * sy, max(x1 * sx, x2 * sx - 1), max(y1 * sy, y2 * sy - 1)], outline=colour, width=width)
 
 
-def _gallery_card(row: dict[str, Any], name: str, order: int, thumbs: Path, size: int) -> tuple[str, bool]:
+def _gallery_card(
+    row: dict[str, Any], name: str, order: int, thumbs: Path, size: int, reader: ImageReader
+) -> tuple[str, bool]:
     """Render and save one thumbnail; return its HTML card and whether the image was unreadable."""
-    rgb = load_rgb(row["uri"])
+    rgb = load_rgb(row["uri"], reader)
     mask = rle_to_mask(row["mask_rle"]) if row["mask_rle"] is not None and row["status"] != STATUS_ERROR else None
     fallback = (row["height"], row["width"]) if row["height"] and row["width"] else (192, 256)
     thumb = render_thumbnail(rgb, mask, row["box"], row["boxes"], size, fallback)
@@ -396,6 +400,7 @@ def export_gallery(
     thumbs.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(target=str(folder / "index.html"))
     names = UniqueNames()
+    reader = ImageReader(str(out_uri))
     source = f"labels at {redact(str(out_uri))}" + (f", where {where}" if where else "")
     with _atomic_text(folder / "index.html") as out, concurrent.futures.ThreadPoolExecutor(GALLERY_THREADS) as pool:
         out.write(_GALLERY_HEAD % {"size": size, "source": html.escape(source)})
@@ -405,7 +410,7 @@ def export_gallery(
                 jobs.append((row, names(row["image_id"]), summary.rows))
                 summary.rows += 1
                 _count(summary, row["status"])
-            for card, unreadable in pool.map(lambda job: _gallery_card(*job, thumbs, size), jobs):
+            for card, unreadable in pool.map(lambda job: _gallery_card(*job, thumbs, size, reader), jobs):
                 out.write(card)
                 summary.written += 1
                 summary.unreadable += unreadable

@@ -1,9 +1,10 @@
 """`sempart label`: manifest -> fetch + decode -> model (actor pool) -> masks -> Parquet.
 
 Stages (Ray Data, streaming; see DESIGN.md "Labelling pipeline"):
-  1. chunk descriptors -> manifest rows (`read_manifest_slice`, pyarrow file system)
-  2. fetch bytes, `decode_image`, `prepare_image`; a bad image becomes an error row,
-     never a failed block (1 and 2: one CPU task per chunk)
+  1. chunk descriptors -> the chunk's images (`sources.ChunkSource`: image files by
+     manifest rows, a WebDataset shard read as one stream, or rows of Parquet files)
+  2. `decode_image`, `prepare_image`; a bad image becomes an error row, never a failed
+     block (1 and 2: one CPU task per chunk)
   3. actor pool: the model loaded once per actor, `Predictor.infer` per batch of equal
      prepared shapes within a token budget, split in halves when memory runs out; an
      image out of memory alone is an error row (sempart_core/batching.py; one GPU per
@@ -11,14 +12,18 @@ Stages (Ray Data, streaming; see DESIGN.md "Labelling pipeline"):
   4. CPU tasks: `finish_raw` (resize, threshold, boxes, score), COCO RLE
   5. one writer actor: collects each chunk's rows and writes the chunk's file.
 
-Exactly once. The manifest is fixed when a run starts (a folder or URI list is listed
-into OUT/_manifests/<run_id>.parquet), and chunk k is its rows
-[k * rows_per_file, (k + 1) * rows_per_file). Chunk k is written to exactly one file,
-OUT/part-<run_id>-<k:06d>.parquet, only once all of its rows are there: locally under
-OUT/_tmp/ and then renamed (atomic), on S3 straight to the key (an object appears only
-when its upload completes). So the readable table, OUT/part-*.parquet, is always a set
-of complete chunks; a kill at any moment loses at most the chunks in flight, and
-`--resume` lists the part files, skips their chunks and labels the rest. A chunk
+Exactly once. The manifest is fixed when a run starts (an input other than a manifest
+is listed into OUT/_manifests/<run_id>.parquet), and chunk k is its rows
+[k * rows_per_file, (k + 1) * rows_per_file), or shard k of a WebDataset input (one
+manifest row per shard, whose sample count is known only once it is read). Each row
+carries (chunk, row in chunk); a decode task ends each chunk with an end-of-chunk row
+holding the chunk's row count, which flows through the later stages to the writer.
+Chunk k is written to exactly one file, OUT/part-<run_id>-<k:06d>.parquet, only once its
+end row and all of its rows are there: locally under OUT/_tmp/ and then renamed
+(atomic), on S3 straight to the key (an object appears only when its upload completes).
+So the readable table, OUT/part-*.parquet, is always a set of complete chunks; a kill at
+any moment loses at most the chunks in flight, and `--resume` lists the part files,
+skips their chunks and labels the rest. A chunk
 written twice (a zombie writer of a killed run) lands under the same name with the same
 rows. The run's settings live in OUT/_runs/<run_id>.json (`LabelRun`), so a resume keeps
 the run id, manifest and chunking. Readers skip `_`-prefixed paths (_tmp, _runs, _manifests).
@@ -30,7 +35,6 @@ moment, and a rerun retries what is still an error.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -44,7 +48,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -52,9 +55,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import manifest as manifests
+from pipeline import sources
 from pipeline.cluster import init_ray, worker_resources
 from pipeline.schema import LABELS_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, image_id_for
-from pipeline.storage import is_s3, pyarrow_filesystem, pyarrow_s3, redact, s3_env
+from pipeline.storage import pyarrow_filesystem, redact, s3_env
 from sempart_core import uri as uris
 from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
 from sempart_core.config import PostConfig
@@ -79,9 +83,13 @@ DECODE_BATCH = 16  # images per table yielded by a decode task
 CPU_STAGE_NICE = 10  # scheduling priority of the light stages when the model runs on CPU
 CPU_BLOCK_BYTES = 2**20  # block size on CPU: a few 320 px images, so an actor task is ~one batch
 
+END_OF_CHUNK = "end of chunk"  # the error text of a chunk's end row (dropped by the writer)
+
 DECODED_SCHEMA = pa.schema(
     [
-        ("row", pa.int64()),
+        ("chunk", pa.int64()),
+        ("row", pa.int64()),  # in the chunk; -1 on the end row
+        ("chunk_rows", pa.int64()),  # the end row: the chunk's row count; null on image rows
         ("image_id", pa.string()),
         ("uri", pa.string()),
         ("width", pa.int32()),
@@ -95,7 +103,7 @@ DECODED_SCHEMA = pa.schema(
 INFERRED_SCHEMA = DECODED_SCHEMA.remove(DECODED_SCHEMA.get_field_index("pixels")).append(
     pa.field("prob", pa.large_binary())  # float32 [in_h, in_w]
 ).append(pa.field("ncut", pa.float64()))
-ROWS_SCHEMA = LABELS_SCHEMA.insert(0, pa.field("row", pa.int64()))
+ROWS_SCHEMA = pa.schema(list(DECODED_SCHEMA)[:3] + list(LABELS_SCHEMA), metadata=LABELS_SCHEMA.metadata)
 
 
 class LabelUsageError(ValueError):
@@ -121,6 +129,8 @@ class LabelOptions:
     limit: int | None = None  # first N manifest rows; fixed per run
     retry_errors: bool = False  # with resume: label the error rows of the run's part files again
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # tokens per model call (sempart_core/batching.py)
+    image_column: str | None = None  # Parquet input: the column of image bytes (default: detected)
+    id_column: str | None = None  # Parquet input: the column of image ids (default: sha1 of uri)
 
     def public(self) -> dict:
         """The options with URIs redacted, for logs and _runs/*.json."""
@@ -162,45 +172,33 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
 
 
-@functools.lru_cache(maxsize=1)
-def _s3_fs() -> pafs.S3FileSystem:
-    return pyarrow_s3()  # one client per worker process, not per image
+def decode_sample(sample: sources.Sample, image_size: int, patch: int) -> dict:
+    """Decode and prepare one image; any failure becomes the row's error."""
+    rec = {"uri": sample.uri, "image_id": sample.image_id or image_id_for(sample.uri)}
+    try:
+        if sample.error is not None:
+            raise sample.error
+        rgb = decode_image(sample.data)
+        rec.update(height=rgb.shape[0], width=rgb.shape[1])
+        prepared = np.ascontiguousarray(prepare_image(rgb, image_size, patch))
+        rec.update(in_h=prepared.shape[0], in_w=prepared.shape[1], pixels=prepared.tobytes())
+    except Exception as exc:  # noqa: BLE001 - bad input must not fail the block
+        rec["error"] = _one_line(exc)
+    return rec
 
 
-def fetch_bytes(uri: str) -> bytes:
-    """The object's bytes, through pyarrow (local path, file:// or s3://)."""
-    if is_s3(uri):
-        parsed = urlparse(uri)
-        fs, path = _s3_fs(), f"{parsed.netloc}{parsed.path}"
-    else:
-        fs, path = pyarrow_filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def read_chunks(batch: pa.Table, manifest: str, rows_per_file: int, total: int) -> pa.Table:
-    """Chunk indices -> their manifest rows (row, uri, image_id)."""
-    tables = []
-    for k in batch.column("chunk").to_pylist():
-        start = k * rows_per_file
-        tables.append(manifests.read_manifest_slice(manifest, start, min(start + rows_per_file, total)))
-    return pa.concat_tables(tables)
-
-
-def decode_batch(batch: pa.Table, image_size: int, patch: int) -> pa.Table:
-    """Fetch, decode and prepare each image; any failure becomes that row's error."""
-    out = []
-    for row, uri, image_id in zip(*(batch.column(c).to_pylist() for c in ("row", "uri", "image_id"))):
-        rec = {"row": row, "uri": uri, "image_id": image_id or image_id_for(uri)}
-        try:
-            rgb = decode_image(fetch_bytes(uri))
-            rec.update(height=rgb.shape[0], width=rgb.shape[1])
-            prepared = np.ascontiguousarray(prepare_image(rgb, image_size, patch))
-            rec.update(in_h=prepared.shape[0], in_w=prepared.shape[1], pixels=prepared.tobytes())
-        except Exception as exc:  # noqa: BLE001 - bad input must not fail the block
-            rec["error"] = _one_line(exc)
-        out.append(rec)
-    return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+def decode_samples(samples: Iterator[sources.Sample], chunk: int, image_size: int, patch: int) -> Iterator[pa.Table]:
+    """One chunk's samples -> decoded rows, DECODE_BATCH per table, then its end row."""
+    out: list[dict] = []
+    n = 0
+    for sample in samples:
+        out.append({**decode_sample(sample, image_size, patch), "chunk": chunk, "row": n})
+        n += 1
+        if len(out) == DECODE_BATCH:
+            yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+            out = []
+    out.append({"chunk": chunk, "row": -1, "chunk_rows": n, "uri": "", "image_id": "", "error": END_OF_CHUNK})
+    yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
 
 
 def lower_priority(nice: int) -> None:
@@ -211,23 +209,23 @@ def lower_priority(nice: int) -> None:
 
 
 def decode_chunks(
-    batch: pa.Table, manifest: str, rows_per_file: int, total: int, image_size: int, patch: int, nice: int = 0,
+    batch: pa.Table, source: sources.ChunkSource, image_size: int, patch: int, nice: int = 0,
     errors_of_run: tuple[str, str] | None = None,
 ) -> Iterator[pa.Table]:
     """Chunk indices -> decoded rows, DECODE_BATCH images per yielded table. With
     `errors_of_run` (OUT, run id; --retry-errors) only the rows that are errors in the
     chunks' part files.
 
-    One stage run with one chunk per task: as two fused stages (read_chunks, then
-    decode_batch with batch_size 16), Ray Data gave each task 16 chunk indices (the
-    larger batch size of the two), so each stage held 16,000 images in one block and
-    the run advanced in a few large waves."""
+    One stage with one chunk per task: as two fused stages (read the chunk, then decode
+    with batch_size 16), Ray Data gave each task 16 chunk indices (the larger batch size
+    of the two), so each stage held 16,000 images in one block and the run advanced in a
+    few large waves."""
     lower_priority(nice)
-    rows = read_chunks(batch, manifest, rows_per_file, total)
-    if errors_of_run is not None:
-        rows = error_rows(rows, batch.column("chunk").to_pylist(), *errors_of_run)
-    for start in range(0, rows.num_rows, DECODE_BATCH):
-        yield decode_batch(rows.slice(start, DECODE_BATCH), image_size, patch)
+    for chunk in batch.column("chunk").to_pylist():
+        samples = source.samples(chunk)
+        if errors_of_run is not None:
+            samples = error_samples(samples, chunk, *errors_of_run)
+        yield from decode_samples(samples, chunk, image_size, patch)
 
 
 class Infer:
@@ -288,7 +286,7 @@ def finish_batch(batch: pa.Table, post: PostConfig, model_id: str, run_id: str, 
     now = datetime.now(timezone.utc)
     out = []
     for r in batch.to_pylist():
-        rec = {k: r[k] for k in ("row", "image_id", "uri", "width", "height")}
+        rec = {k: r[k] for k in ("chunk", "row", "chunk_rows", "image_id", "uri", "width", "height")}
         rec.update(model_id=model_id, run_id=run_id, labeled_at=now, error=r["error"])
         if r["error"] is None:
             try:
@@ -326,33 +324,38 @@ def write_part(table: pa.Table, out: str, name: str) -> None:
 
 
 class ChunkWriter:
-    """Actor (exactly one): buffers rows per chunk, writes a chunk when it is complete.
+    """Actor (exactly one): buffers rows per chunk, writes a chunk when it is complete:
+    its end row has come (with the chunk's row count) and that many distinct rows.
 
     Emits one summary row per written file. Rows seen twice (a retried upstream task)
     are kept once; rows of a chunk already written are dropped.
     """
 
-    def __init__(self, out: str, run_id: str, rows_per_file: int, total: int, nice: int = 0):
+    def __init__(self, out: str, run_id: str, nice: int = 0):
         lower_priority(nice)
-        self.out, self.run_id, self.rows_per_file, self.total = out, run_id, rows_per_file, total
+        self.out, self.run_id = out, run_id
         self.parts: dict[int, list[pa.Table]] = defaultdict(list)
         self.seen: dict[int, set[int]] = defaultdict(set)
+        self.expected: dict[int, int] = {}
         self.written: set[int] = set()
-
-    def expected(self, chunk: int) -> int:
-        return min(self.rows_per_file, self.total - chunk * self.rows_per_file)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         done = []
-        rows = batch.column("row").to_numpy()
-        chunks = rows // self.rows_per_file
+        chunks, rows = batch.column("chunk").to_numpy(), batch.column("row").to_numpy()
+        ends = batch.column("chunk_rows").to_pylist()
         for chunk in map(int, np.unique(chunks)):
             if chunk in self.written:
                 continue
-            keep = [i for i in np.flatnonzero(chunks == chunk) if int(rows[i]) not in self.seen[chunk]]
-            self.seen[chunk].update(int(rows[i]) for i in keep)
-            self.parts[chunk].append(batch.take(keep))
-            if len(self.seen[chunk]) == self.expected(chunk):
+            keep = []
+            for i in np.flatnonzero(chunks == chunk):
+                if ends[i] is not None:
+                    self.expected[chunk] = ends[i]
+                elif int(rows[i]) not in self.seen[chunk]:
+                    self.seen[chunk].add(int(rows[i]))
+                    keep.append(i)
+            if keep:
+                self.parts[chunk].append(batch.take(pa.array(keep, pa.int64())))
+            if len(self.seen[chunk]) == self.expected.get(chunk):
                 done.append(self.flush(chunk))
         return pa.Table.from_pylist(done, schema=SUMMARY_SCHEMA)
 
@@ -362,9 +365,10 @@ class ChunkWriter:
         return {"chunk": chunk, "rows": table.num_rows, **counts}
 
     def take(self, chunk: int) -> pa.Table:
-        """The chunk's rows in order, without `row`; from now on the chunk is written."""
-        table = pa.concat_tables(self.parts.pop(chunk)).sort_by("row").drop_columns(["row"])
-        del self.seen[chunk]
+        """The chunk's rows in order, as output rows; from now on the chunk is written."""
+        table = pa.concat_tables(self.parts.pop(chunk, []) or [ROWS_SCHEMA.empty_table()])
+        table = table.sort_by("row").drop_columns(["chunk", "row", "chunk_rows"])
+        del self.seen[chunk], self.expected[chunk]
         self.written.add(chunk)
         return table
 
@@ -376,13 +380,6 @@ class ErrorRetryWriter(ChunkWriter):
     table keeps one row per image whenever the run stops. Emits one summary row per
     file, counting the relabelled rows only."""
 
-    def __init__(self, out: str, run_id: str, rows_per_file: int, total: int, errors: dict[int, int], nice: int = 0):
-        super().__init__(out, run_id, rows_per_file, total, nice)
-        self.errors = errors  # chunk -> error rows in its part file
-
-    def expected(self, chunk: int) -> int:
-        return self.errors[chunk]
-
     def flush(self, chunk: int) -> dict:
         relabelled = self.take(chunk)
         name = part_name(self.run_id, chunk)
@@ -392,16 +389,23 @@ class ErrorRetryWriter(ChunkWriter):
         return {"chunk": chunk, "rows": relabelled.num_rows, **status_counts(relabelled.column("status").to_pylist())}
 
 
-def error_rows(rows: pa.Table, chunks: list[int], out: str, run_id: str) -> pa.Table:
-    """The rows of `chunks` (as read from the manifest, in order) that are errors in the
-    chunks' part files, which hold the same rows in the same order."""
+def error_samples(samples: Iterator[sources.Sample], chunk: int, out: str, run_id: str) -> Iterator[sources.Sample]:
+    """The samples of `chunk` that are error rows in its part file, which holds the
+    chunk's samples in the same order (--retry-errors)."""
+    name = part_name(run_id, chunk)
     fs, root = pyarrow_filesystem(out)
-    done = pa.concat_tables(
-        [pq.read_table(f"{root}/{part_name(run_id, k)}", columns=["uri", "status"], filesystem=fs) for k in chunks]
-    )
-    if done.column("uri").to_pylist() != rows.column("uri").to_pylist():
-        raise RuntimeError(f"part files of chunks {chunks} do not hold the manifest's rows: the manifest changed")
-    return rows.filter(pa.array([s == STATUS_ERROR for s in done.column("status").to_pylist()]))
+    done = pq.read_table(f"{root}/{name}", columns=["uri", "status"], filesystem=fs)
+    uris_done, statuses = done.column("uri").to_pylist(), done.column("status").to_pylist()
+    changed = RuntimeError(f"{name} does not hold the images of its chunk in order: the input changed since the run")
+    count = 0
+    for sample in samples:
+        if count >= len(uris_done) or sample.uri != uris_done[count]:
+            raise changed
+        if statuses[count] == STATUS_ERROR:
+            yield sample
+        count += 1
+    if count != len(uris_done):
+        raise changed
 
 
 def merge_retried(old: pa.Table, relabelled: pa.Table, name: str) -> tuple[pa.Table, dict[str, int]]:
@@ -476,6 +480,7 @@ class LabelRun:
     rows: int  # rows labelled: manifest_rows, or fewer with limit
     rows_per_file: int
     input_kind: str = "manifest"
+    image_column: str | None = None  # Parquet-with-bytes input: the column of image bytes
     limit: int | None = None
     schema_version: int = SCHEMA_VERSION  # of the output table
     status: str = "running"  # running | finished
@@ -589,16 +594,21 @@ def _new_run(opts: LabelOptions, model_id: str) -> LabelRun:
     if any(i.base_name.startswith("part-") for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))):
         raise LabelUsageError(f"{redact(opts.out)} already holds part files of another run: use a new OUT")
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    kind = manifests.source_kind(opts.input)
+    kind = sources.input_kind(opts.input, opts.image_column)
+    image_column = sources.resolve_image_column(opts.input, opts.image_column) if kind == sources.PARQUET else None
+    if kind == sources.SHARDS and (opts.rows_per_file is not None or opts.limit is not None):
+        raise LabelUsageError("--rows-per-file and --limit do not apply to .tar shards (one file per shard): drop them")
     manifest_rel = None
     if kind != "manifest":
         manifest_rel = f"_manifests/{run_id}.parquet"
-        manifests.write_manifest(manifests.input_rows(opts.input), uris.join(opts.out, manifest_rel))
+        rows, schema = sources.run_manifest(kind, opts.input, image_column, opts.id_column)
+        manifests.write_manifest(rows, uris.join(opts.out, manifest_rel), schema=schema)
     manifest = uris.join(opts.out, manifest_rel) if manifest_rel else opts.input
     n = manifests.manifest_rows(manifest)
     return LabelRun(
-        run_id=run_id, model_id=model_id, input_kind=kind, manifest=manifest_rel, manifest_rows=n,
-        rows=n if opts.limit is None else min(n, opts.limit), rows_per_file=opts.rows_per_file or DEFAULT_ROWS_PER_FILE,
+        run_id=run_id, model_id=model_id, input_kind=kind, image_column=image_column, manifest=manifest_rel,
+        manifest_rows=n, rows=n if opts.limit is None else min(n, opts.limit),
+        rows_per_file=1 if kind == sources.SHARDS else opts.rows_per_file or DEFAULT_ROWS_PER_FILE,
         limit=opts.limit, config=opts.public(), started_at=_now(),
     )
 
@@ -666,10 +676,11 @@ def build_dataset(
     nice = 0 if gpu else CPU_STAGE_NICE
     rows, per_file, run_id = run.rows, run.rows_per_file, run.run_id
     ds = ray.data.from_items([{"chunk": k} for k in pending], override_num_blocks=min(len(pending), 10_000))
+    source = sources.ChunkSource(kind=run.input_kind, manifest=manifest, rows_per_file=per_file, total=rows,
+                                 out=opts.out, run_id=run_id, image_column=run.image_column)
     ds = ds.map_batches(
         decode_chunks, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"manifest": manifest, "rows_per_file": per_file, "total": rows,
-                   "image_size": cfg.data.image_size, "patch": patch, "nice": nice,
+        fn_kwargs={"source": source, "image_size": cfg.data.image_size, "patch": patch, "nice": nice,
                    "errors_of_run": (opts.out, run_id) if retry else None},
         **cpu_stage,
     )
@@ -702,11 +713,10 @@ def build_dataset(
         finish_batch, batch_size=16, batch_format="pyarrow",
         fn_kwargs={"post": cfg.post, "model_id": art.model_id, "run_id": run_id, "nice": nice}, **remote,
     )
-    writer = {"out": opts.out, "run_id": run_id, "rows_per_file": per_file, "total": rows, "nice": nice}
     return ds.map_batches(
         ErrorRetryWriter if retry else ChunkWriter, batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
-        fn_constructor_kwargs={**writer, "errors": retry} if retry else writer,
+        fn_constructor_kwargs={"out": opts.out, "run_id": run_id, "nice": nice},
         **remote,
     )
 
