@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="200 images, 100 in the per-stage sample.")
     parser.add_argument("--n", type=int, help="Images labelled end to end (default 20,000).")
     parser.add_argument("--sample", type=int, help="Images timed per stage in-process (default 1,000).")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/sempart-ceiling"), help="Images, model, outputs.")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sempart-ceiling", help="Images, model, outputs.")
     parser.add_argument("--interval", type=float, default=0.5, help="Seconds between /proc CPU samples.")
     args = parser.parse_args(argv)
     args.n = args.n or (200 if args.quick else 20_000)
@@ -199,7 +200,7 @@ def stage_costs(args: argparse.Namespace, folder: Path, model: Path) -> dict[str
     import pyarrow as pa
     import torch
 
-    from pipeline import label
+    from pipeline import label, sources
     from sempart_core.artifact import read_artifact_info
     from sempart_core.gpu_decode import _fast_path_orientation, decode_and_prepare
     from sempart_core.images import DEFAULT_MAX_PIXELS, decode_image, prepare_image
@@ -217,27 +218,25 @@ def stage_costs(args: argparse.Namespace, folder: Path, model: Path) -> dict[str
         ms[name] = 1000 * (time.process_time() - t) / n
         return result
 
-    datas = timed("fetch", lambda: [label.fetch_bytes(u) for u in uris])
+    datas = timed("fetch", lambda: [sources.fetch_bytes(u) for u in uris])
     timed("decode_resize", lambda: [prepare_image(decode_image(d), IMAGE_SIZE, patch) for d in datas])
     timed("decode_resize_torchvision", lambda: decode_and_prepare(datas, IMAGE_SIZE, patch))
     # The same at the product's input size (ViT-S/8 at 320 px), for sizing a cluster.
     timed("decode_resize_320", lambda: [prepare_image(decode_image(d), *REAL_INPUT) for d in datas])
     timed("decode_resize_torchvision_320", lambda: decode_and_prepare(datas, *REAL_INPUT))
     timed("jpeg_header_only", lambda: [_fast_path_orientation(d, DEFAULT_MAX_PIXELS) for d in datas])
-    decoded = pa.concat_tables(
-        label.decode_batch(pa.table({"row": list(range(s, min(s + 16, n))), "uri": uris[s : s + 16],
-                                     "image_id": [None] * len(uris[s : s + 16])}), IMAGE_SIZE, patch)
-        for s in range(0, n, 16)
-    )
+    samples = [sources.Sample(uri=u, image_id="", data=d) for u, d in zip(uris, datas)]
+    decoded = pa.concat_tables(label.decode_samples(iter(samples), 0, IMAGE_SIZE, patch))
     assert decoded.column("error").null_count == n, "a generated image failed to decode"
     infer = label.Infer(str(model), info.model_id, "cpu", label.DEFAULT_BATCH_SIZE, threads=1)
-    inferred = timed("model", lambda: pa.concat_tables(infer(decoded.slice(s, 8)) for s in range(0, n, 8)))
+    inferred = timed("model", lambda: pa.concat_tables(infer(decoded.slice(s, 8)) for s in range(0, decoded.num_rows, 8)))
     finished = timed("finish", lambda: pa.concat_tables(
-        label.finish_batch(inferred.slice(s, 16), info.config.post, info.model_id, "bench") for s in range(0, n, 16)))
+        label.finish_batch(inferred.slice(s, 16), info.config.post, info.model_id, "bench")
+        for s in range(0, inferred.num_rows, 16)))
     out = args.work / f"stage-out-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
-    writer = label.ChunkWriter(str(out), "bench", label.DEFAULT_ROWS_PER_FILE, n)
-    timed("write", lambda: [writer(finished.slice(s, 16)) for s in range(0, n, 16)])
+    writer = label.ChunkWriter(str(out), "bench")
+    timed("write", lambda: [writer(finished.slice(s, 16)) for s in range(0, finished.num_rows, 16)])
     shutil.rmtree(out)
     return ms
 
@@ -253,18 +252,26 @@ def writer_ceiling(args: argparse.Namespace, labelled: Path) -> dict[str, float]
     from pipeline import label
 
     rows = pq.read_table(sorted(labelled.glob("part-*.parquet")))
-    rows = rows.add_column(0, "row", pa.array(np.arange(rows.num_rows), pa.int64()))
+    n, per_file = rows.num_rows, label.DEFAULT_ROWS_PER_FILE
+    index = np.arange(n)
+    for name, values in (("chunk_rows", [None] * n), ("row", index % per_file),
+                         ("chunk", index // per_file)):
+        rows = rows.add_column(0, name, pa.array(values, pa.int64()))
+    chunks = -(-n // per_file)
+    ends = pa.table({"chunk": range(chunks), "row": [-1] * chunks,
+                     "chunk_rows": [min(per_file, n - k * per_file) for k in range(chunks)]})
+    rows = pa.concat_tables([rows, ends], promote_options="default")
     batches = [rows.slice(s, 16) for s in range(0, rows.num_rows, 16)]
     out = args.work / f"writer-out-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
-    writer = label.ChunkWriter(str(out), "bench", label.DEFAULT_ROWS_PER_FILE, rows.num_rows)
+    writer = label.ChunkWriter(str(out), "bench")
     wall, cpu = time.perf_counter(), time.process_time()
     files = sum(writer(b).num_rows for b in batches)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    assert sum(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")) == rows.num_rows
+    assert sum(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")) == n
     shutil.rmtree(out)
-    return {"rows": rows.num_rows, "files": files, "cpu_s": cpu, "wall_s": wall,
-            "rows_per_cpu_s": rows.num_rows / cpu, "rows_per_wall_s": rows.num_rows / wall}
+    return {"rows": n, "files": files, "cpu_s": cpu, "wall_s": wall,
+            "rows_per_cpu_s": n / cpu, "rows_per_wall_s": n / wall}
 
 
 # ---------------------------------------------------------------- report
