@@ -83,7 +83,7 @@ def ray_tmp() -> Iterator[Path]:
 def env_for(ray_tmp: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
     repo = str(Path(__file__).resolve().parents[2])
-    env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=repo, SEMPART_NUM_CPUS="1", **extra)
+    env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=repo, SEMPART_NUM_CPUS="2", **extra)
     return env
 
 
