@@ -212,6 +212,10 @@ def label_cmd(
     gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="One GPU per actor (default: if the cluster has GPUs)."),
     rows_per_file: Optional[int] = typer.Option(None, "--rows-per-file", help="Rows per Parquet file (default: 1000)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Label only the first N images of the input."),
+    stall_timeout: float = typer.Option(
+        300.0, "--stall-timeout", min=1.0, envvar="SEMPART_STALL_TIMEOUT",
+        help="Seconds without any labelled row before the run stops and exits 1, naming what to --resume.",
+    ),
     s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help=S3_ENDPOINT_HELP),
     s3_anon: bool = typer.Option(False, "--s3-anon", help=S3_ANON_HELP),
 ) -> None:
@@ -226,7 +230,7 @@ def label_cmd(
     try:
         summary = run_label(
             LabelOptions(model=model, input=input, out=out, resume=resume, batch_size=batch_size, actors=actors,
-                         gpu=gpu, rows_per_file=rows_per_file, limit=limit)
+                         gpu=gpu, rows_per_file=rows_per_file, limit=limit, stall_timeout=stall_timeout)
         )
     except IncompleteRunError as exc:
         fail(str(exc), code=EXIT_PARTIAL)

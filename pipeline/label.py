@@ -27,7 +27,9 @@ import functools
 import json
 import logging
 import os
+import queue
 import re
+import threading
 import time
 import uuid
 import warnings
@@ -65,6 +67,8 @@ DEFAULT_BATCH_SIZE = 8
 COUNTS_KEY = b"sempart_counts"  # per-file status counts in the Parquet footer
 STATUSES = ("ok", "empty", "error")
 PROGRESS_EVERY_S = 10.0
+DEFAULT_STALL_TIMEOUT_S = 300.0
+PROGRESS_ROW = -1  # the chunk of the writer's per-batch row: rows taken, none written yet
 DECODE_MEMORY = 2**30  # bytes reserved per decode task (see build_dataset)
 DECODE_BATCH = 16  # images per table yielded by a decode task
 CPU_STAGE_NICE = 10  # scheduling priority of the light stages when the model runs on CPU
@@ -110,6 +114,7 @@ class LabelOptions:
     gpu: bool | None = None  # default: use GPUs when the cluster has some
     rows_per_file: int | None = None  # default DEFAULT_ROWS_PER_FILE; fixed per run
     limit: int | None = None  # first N manifest rows; fixed per run
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # fail when no row reaches the writer for this long
 
     def public(self) -> dict:
         """The options with URIs redacted, for logs and _runs/*.json."""
@@ -327,7 +332,8 @@ class ChunkWriter:
             self.parts[chunk].append(batch.take(keep))
             if len(self.seen[chunk]) == self.expected(chunk):
                 done.append(self.flush(chunk))
-        return pa.Table.from_pylist(done, schema=SUMMARY_SCHEMA)
+        progress = {"chunk": PROGRESS_ROW, "rows": batch.num_rows, **dict.fromkeys(STATUSES, 0)}  # for the watchdog
+        return pa.Table.from_pylist(done + [progress], schema=SUMMARY_SCHEMA)
 
     def flush(self, chunk: int) -> dict:
         table = pa.concat_tables(self.parts.pop(chunk)).sort_by("row").drop_columns(["row"])
@@ -536,27 +542,84 @@ def build_dataset(
     )
 
 
-def consume(ds: ray.data.Dataset, n_chunks: int, counts: dict[str, int]) -> int:
+def _missing(chunks: list[int]) -> str:
+    """A short list of chunk indices for a one-line message."""
+    shown = ", ".join(map(str, chunks[:10]))
+    return shown + (f" and {len(chunks) - 10} more" if len(chunks) > 10 else "")
+
+
+def _stream(ds: ray.data.Dataset, events: queue.Queue) -> None:
+    """Iterate the pipeline's output into `events`; then None, or the error it raised."""
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            events.put(batch)
+    except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread
+        events.put(exc)
+    else:
+        events.put(None)
+
+
+def _stop(ds: ray.data.Dataset) -> None:
+    """Shut down the pipeline's executor (its actors and tasks). Ray Data has no public
+    call for this; the executor of a running dataset is `_current_executor`."""
+    executor = getattr(ds, "_current_executor", None)
+    if executor is not None:
+        try:
+            executor.shutdown(force=True)
+        except Exception as exc:  # noqa: BLE001 - the run fails with the stall error anyway
+            logger.warning("could not shut the stalled pipeline down: %s", _one_line(exc))
+
+
+def consume(ds: ray.data.Dataset, pending: list[int], counts: dict[str, int], stall_timeout: float) -> int:
     """Run the pipeline, adding each written file's status counts to `counts` and
-    logging progress; returns the rows written. The driver sees one row per file."""
-    written, labelled = 0, 0
+    logging progress; returns the rows written. The driver sees one row per file and
+    one per batch the writer takes (chunk PROGRESS_ROW).
+
+    A watchdog: when the writer takes no row for `stall_timeout` seconds (Ray Data can
+    wait forever on an actor pool whose actor died, or on a lost node's work), the
+    pipeline is shut down and the run fails with one line naming the unwritten chunks."""
+    events: queue.Queue = queue.Queue()
+    stream = threading.Thread(target=_stream, args=(ds, events), name="sempart-label-stream", daemon=True)
+    written: set[int] = set()
+    labelled = 0
     start = last_log = time.perf_counter()
     with warnings.catch_warnings():
         # Ray Data warns when an actor pool gets fewer input blocks than actors; it counts
         # the chunk descriptors, yet each decode task yields many blocks.
         warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        stream.start()
+        while True:
+            try:
+                batch = events.get(timeout=stall_timeout)
+            except queue.Empty:
+                _stop(ds)
+                stream.join(timeout=30)
+                missing = sorted(set(pending) - written)
+                raise IncompleteRunError(
+                    f"no progress for {stall_timeout:g} s (--stall-timeout): {len(missing)} of {len(pending)} "
+                    f"files not written (chunks {_missing(missing)}): run again with --resume"
+                ) from None
+            if batch is None:
+                break
+            if isinstance(batch, BaseException):
+                raise batch
             for rec in batch.to_pylist():
-                written += 1
+                if rec["chunk"] == PROGRESS_ROW:
+                    continue
+                written.add(rec["chunk"])
                 labelled += rec["rows"]
                 for s in STATUSES:
                     counts[s] += rec[s]
             if time.perf_counter() - last_log > PROGRESS_EVERY_S:
                 last_log = time.perf_counter()
                 logger.info("progress: %d/%d files, %d images, %.2f images/s",
-                            written, n_chunks, labelled, labelled / (last_log - start))
-    if written != n_chunks:
-        raise IncompleteRunError(f"{n_chunks - written} of {n_chunks} files were not written: run again with --resume")
+                            len(written), len(pending), labelled, labelled / (last_log - start))
+    missing = sorted(set(pending) - written)
+    if missing:
+        raise IncompleteRunError(
+            f"{len(missing)} of {len(pending)} files were not written (chunks {_missing(missing)}): "
+            "run again with --resume"
+        )
     return labelled
 
 
@@ -596,7 +659,8 @@ def run_label(opts: LabelOptions) -> LabelSummary:
         init_ray()
         gpu, actors = _resources(opts)
         t2 = time.perf_counter()
-        labelled = consume(build_dataset(pending, manifest, state, art, opts, gpu, actors), len(pending), counts)
+        labelled = consume(build_dataset(pending, manifest, state, art, opts, gpu, actors), pending, counts,
+                           opts.stall_timeout)
     t_label = time.perf_counter() - t2
     total_s = time.perf_counter() - t0
     timings = {"setup_and_listing_s": t_list, "ray_start_s": t2 - t1, "label_s": t_label, "total_s": total_s}
