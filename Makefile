@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[s3,dev]"
 	touch $(STAMP)
 
+# --durations: every run ends with the slowest tests, so that a slow one is seen early.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

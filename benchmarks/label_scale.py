@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SIZES[0]:,} vs {QUICK_SIZES[1]:,} images.")
     parser.add_argument("--sizes", type=int, nargs=2, metavar=("N1", "N2"), help="The two input sizes.")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/sempart-bench"), help="Images, model and outputs.")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "sempart-bench",
+                        help="Images, model and outputs (default: sempart-bench in the temp folder).")
     parser.add_argument("--pixels", type=int, default=64, help="Side of the generated JPEGs.")
     parser.add_argument("--backbone", default="vit_tiny_patch16_224")
     parser.add_argument("--image-size", type=int, default=32, help="Backbone input (shorter side).")
@@ -349,7 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.sizes:
         folder = input_folder(args.cache, pool, n)
         print(f"labelling {n:,} images ...", flush=True)
-        results.append(label_once(args, folder, model_dir, n))
+        r = label_once(args, folder, model_dir, n)
+        results.append(r)  # printed now too, so a long second size never hides the first
+        print(f"  {n:,} images: {r.seconds:.1f} s, {r.ips:.1f} img/s, driver peak {r.driver_peak_mb:.0f} MB, "
+              f"workers (sum) {r.samples.workers_sum:.0f} MB, load {os.getloadavg()[0]:.1f}", flush=True)
     print(json.dumps(report(results, args)))
 
 

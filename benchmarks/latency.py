@@ -1,10 +1,12 @@
-"""Per-image latency of SEMPART against TokenCut on the same backbone, in one run.
+"""Per-image latency of SEMPART against TokenCut and TokenCut + bilateral solver, in one run.
 
 SEMPART's claim is speed: one forward pass (backbone + heads) instead of TokenCut's
-eigen-decomposition of an N x N graph per image. This script times both end to end
-through `Predictor.predict` on single images (batch 1, including the resize in and the
-post-processing out), interleaved so that load on the machine hits both alike, and
-breaks the time down into backbone, heads, graph, eigen-solve and post-processing.
+eigen-decomposition of an N x N graph per image, and no post-inference refinement
+(TokenCut's masks are refined with the bilateral solver). This script times the three
+end to end through `Predictor.predict` on single images (batch 1, same backbone and
+size, including the resize in and the post-processing out), interleaved so that load on
+the machine hits all alike, and breaks the time down into backbone, heads, graph,
+eigen-solve, bilateral solver and post-processing.
 
 Timing does not depend on training: the heads are freshly initialised and the backbone
 may be random (`--weights random`, the default, needs no network).
@@ -34,7 +36,8 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from sempart_core.config import BackboneConfig, DataConfig, SempartConfig
-from sempart_core.graph import affinity
+from sempart_core.bilateral import refine_mask
+from sempart_core.graph import affinity, partition_ncut
 from sempart_core.images import decode_image
 from sempart_core.model import build_model
 from sempart_core.foreground import apply_foreground_rule
@@ -45,7 +48,7 @@ from sempart_core.training import to_model_input
 
 log = logging.getLogger("benchmarks.latency")
 
-DEFAULT_IMAGES = Path("/work/shared/data/duts-te-dev/images")
+DEFAULT_IMAGES = Path(__file__).resolve().parents[1] / "tests" / "data" / "duts-te" / "images"
 SYNTHETIC = "synthetic"
 SYNTHETIC_SIZE = (300, 400)  # (h, w) of a typical DUTS-TE image
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -55,13 +58,15 @@ QUICK = {"backbone": "vit_tiny_patch16_224", "image_size": 224, "n": 6, "repeats
 EIGENSOLVER = "torch.linalg.eigh (float64, on the device)"
 # What TokenCut's own code (object_discovery.py) runs, timed for reference on the same W.
 SCIPY_EIGENSOLVER = "scipy.linalg.eigh(D - W, D, subset_by_index=[1, 2]) (float64, CPU)"
-# Breakdown rows: key -> label. The end-to-end rows are "ours" and "baseline".
+# Breakdown rows: key -> label. The end-to-end rows are "ours", "baseline", "baseline_bs".
 STAGES = {
     "backbone_only": "backbone only (normalise + ViT up to the last keys)",
     "heads_only": "heads only (coarse + fine branch, foreground rule)",
-    "graph": "graph W = affinity(features), both methods",
+    "ncut": "SEMPART's score ncut (graph built blockwise, never whole)",
+    "graph": "TokenCut's graph W = affinity(features)",
     "eigen": "eigen-solve, our TokenCut (torch.linalg.eigh)",
     "eigen_scipy": "eigen-solve, TokenCut's reference (scipy.linalg.eigh)",
+    "bilateral": "bilateral solver on the original image (TokenCut + BS)",
     "post": "post-processing (resize to original, threshold, boxes, score)",
 }
 LABEL_WIDTH = 66
@@ -83,7 +88,8 @@ class Settings:
 
 @dataclass
 class LatencyResult:
-    """Medians in milliseconds per image; `ratio` is the speed-up baseline / ours.
+    """Medians in milliseconds per image; `ratio` is the speed-up TokenCut / SEMPART and
+    `ratio_bs` TokenCut + bilateral solver / SEMPART.
 
     The minima are there to judge noise: on a loaded machine medians drift up, while the
     fastest run stays close to what the hardware can do.
@@ -91,9 +97,12 @@ class LatencyResult:
 
     ours_ms: float
     baseline_ms: float
+    baseline_bs_ms: float
     ratio: float
+    ratio_bs: float
     ours_min_ms: float
     baseline_min_ms: float
+    baseline_bs_min_ms: float
     breakdown_ms: dict[str, float]
     backbone: str
     weights: str
@@ -160,8 +169,8 @@ def load_images(source: str, n: int) -> list[np.ndarray]:
     return [decode_image(p.read_bytes()) for p in paths[:n]]
 
 
-def build_predictors(s: Settings) -> tuple[Predictor, Predictor]:
-    """SEMPART (untrained heads) and TokenCut sharing one backbone, for batch 1."""
+def build_predictors(s: Settings) -> tuple[Predictor, Predictor, Predictor]:
+    """SEMPART (untrained heads), TokenCut and TokenCut + BS sharing one backbone, batch 1."""
     config = SempartConfig(
         backbone=BackboneConfig(name=s.backbone, weights=s.weights),
         data=DataConfig(image_size=s.image_size),
@@ -169,7 +178,8 @@ def build_predictors(s: Settings) -> tuple[Predictor, Predictor]:
     backbone, heads = build_model(config, seed=0)
     ours = Predictor(backbone, heads, config, s.device, method="sempart", batch_size=1)
     baseline = Predictor(backbone, None, config, s.device, method="tokencut", batch_size=1)
-    return ours, baseline
+    baseline_bs = Predictor(backbone, None, config, s.device, method="tokencut-bs", batch_size=1)
+    return ours, baseline, baseline_bs
 
 
 @contextmanager
@@ -190,7 +200,7 @@ def scipy_fiedler(w: torch.Tensor) -> np.ndarray:
     return vectors[:, 0]
 
 
-def stage_calls(ours: Predictor, baseline: Predictor, rgb: np.ndarray,
+def stage_calls(ours: Predictor, baseline: Predictor, baseline_bs: Predictor, rgb: np.ndarray,
                 scipy_reference: bool) -> dict[str, Callable[[], object]]:
     """One zero-argument call per timed row, with its inputs computed beforehand."""
     prepared = ours.prepare(rgb)[None]
@@ -204,6 +214,8 @@ def stage_calls(ours: Predictor, baseline: Predictor, rgb: np.ndarray,
     feats = run_backbone()
     w = affinity(feats, graph.tau, graph.eps)
     raw = ours.infer(prepared)[0]
+    hard = torch.from_numpy((raw.coarse > 0.5).reshape(1, -1).astype(np.float32)).to(ours.device)
+    tokencut_mask = baseline.predict([rgb])[0].mask
 
     def run_heads() -> tuple[torch.Tensor, torch.Tensor]:
         with inference(ours):
@@ -217,10 +229,13 @@ def stage_calls(ours: Predictor, baseline: Predictor, rgb: np.ndarray,
     calls: dict[str, Callable[[], object]] = {
         "ours": lambda: ours.predict([rgb]),
         "baseline": lambda: baseline.predict([rgb]),
+        "baseline_bs": lambda: baseline_bs.predict([rgb]),
         "backbone_only": run_backbone,
         "heads_only": run_heads,
+        "ncut": lambda: partition_ncut(feats, hard, graph.tau, graph.eps, clamp_eps=1e-6),
         "graph": run_graph,
         "eigen": lambda: fiedler_vector(w),
+        "bilateral": lambda: refine_mask(rgb, tokencut_mask, baseline_bs.bilateral),
         "post": lambda: ours.finish(raw, *rgb.shape[:2]),
     }
     if scipy_reference:
@@ -239,16 +254,16 @@ def time_ms(call: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def measure(ours: Predictor, baseline: Predictor, images: list[np.ndarray],
+def measure(ours: Predictor, baseline: Predictor, baseline_bs: Predictor, images: list[np.ndarray],
             s: Settings) -> dict[str, list[float]]:
     """Samples per row: warm-up on the first image, then rounds over every row per image.
 
     Rows alternate within each round, so a burst of load elsewhere on the machine
-    slows SEMPART and TokenCut alike instead of biasing the ratio.
+    slows SEMPART and TokenCut alike instead of biasing the ratios.
     """
     samples: dict[str, list[float]] = defaultdict(list)
     for i, rgb in enumerate(images):
-        calls = stage_calls(ours, baseline, rgb, s.scipy_reference)
+        calls = stage_calls(ours, baseline, baseline_bs, rgb, s.scipy_reference)
         if i == 0:
             for _ in range(s.warmup):
                 for call in calls.values():
@@ -256,8 +271,9 @@ def measure(ours: Predictor, baseline: Predictor, images: list[np.ndarray],
         for _ in range(s.repeats):
             for name, call in calls.items():
                 samples[name].append(time_ms(call, ours.device))
-        log.info("image %d/%d %s: ours %.1f ms, TokenCut %.1f ms", i + 1, len(images),
-                 "x".join(map(str, rgb.shape[:2])), samples["ours"][-1], samples["baseline"][-1])
+        log.info("image %d/%d %s: ours %.1f ms, TokenCut %.1f ms, TokenCut + BS %.1f ms", i + 1,
+                 len(images), "x".join(map(str, rgb.shape[:2])), samples["ours"][-1],
+                 samples["baseline"][-1], samples["baseline_bs"][-1])
     return samples
 
 
@@ -270,17 +286,21 @@ def median_tokens(predictor: Predictor, images: list[np.ndarray]) -> int:
 def run_benchmark(s: Settings) -> LatencyResult:
     torch.set_num_threads(s.threads)
     with threadpool_limits(limits=s.threads):  # scipy's BLAS too, for the reference solve
-        ours, baseline = build_predictors(s)
+        ours, baseline, baseline_bs = build_predictors(s)
         images = load_images(s.images, s.n)
-        samples = measure(ours, baseline, images, s)
+        samples = measure(ours, baseline, baseline_bs, images, s)
     medians = {name: statistics.median(values) for name, values in samples.items()}
     ours_ms, baseline_ms = medians.pop("ours"), medians.pop("baseline")
+    baseline_bs_ms = medians.pop("baseline_bs")
     return LatencyResult(
         ours_ms=round(ours_ms, 3),
         baseline_ms=round(baseline_ms, 3),
+        baseline_bs_ms=round(baseline_bs_ms, 3),
         ratio=round(baseline_ms / ours_ms, 3),
+        ratio_bs=round(baseline_bs_ms / ours_ms, 3),
         ours_min_ms=round(min(samples["ours"]), 3),
         baseline_min_ms=round(min(samples["baseline"]), 3),
+        baseline_bs_min_ms=round(min(samples["baseline_bs"]), 3),
         breakdown_ms=medians,
         backbone=s.backbone,
         weights=s.weights,
@@ -302,10 +322,10 @@ def summary(r: LatencyResult) -> str:
     b = r.breakdown_ms
     weights = ("RANDOM weights: the arithmetic, and so the timing, does not depend on the "
                "weights" if r.random_weights else f"weights {r.weights}")
-    ours_parts = b["backbone_only"] + b["heads_only"] + b["graph"] + b["post"]
+    ours_parts = b["backbone_only"] + b["heads_only"] + b["ncut"] + b["post"]
     baseline_parts = b["backbone_only"] + b["graph"] + b["eigen"] + b["post"]
     lines = [
-        f"Latency per image, batch 1: SEMPART vs TokenCut on the same backbone "
+        f"Latency per image, batch 1: SEMPART vs TokenCut (+ BS) on the same backbone "
         f"(median of {r.n_images} images x {r.repeats} repeats, {r.warmup} warm-up)",
         f"  backbone {r.backbone} ({weights}); heads untrained (random init)",
         f"  image size {r.image_size} (median {r.median_tokens} tokens), device {r.device}, "
@@ -314,13 +334,18 @@ def summary(r: LatencyResult) -> str:
         f"  (fastest {r.ours_min_ms:.1f})",
         f"  TokenCut Predictor.predict (backbone + eigen-solve + post):  {r.baseline_ms:9.1f} ms"
         f"  (fastest {r.baseline_min_ms:.1f})",
-        f"  speed-up TokenCut / SEMPART: {r.ratio:.2f}x (TokenCut solver: {r.eigensolver})",
+        f"  TokenCut + BS (the above + bilateral solver):                {r.baseline_bs_ms:9.1f} ms"
+        f"  (fastest {r.baseline_bs_min_ms:.1f})",
+        f"  speed-up TokenCut / SEMPART: {r.ratio:.2f}x, TokenCut + BS / SEMPART: {r.ratio_bs:.2f}x "
+        f"(TokenCut solver: {r.eigensolver})",
         "  breakdown (median ms per image):",
         *(f"    {label:<{LABEL_WIDTH}} {b[key]:9.1f}" for key, label in STAGES.items() if key in b),
         f"    {'SEMPART end-to-end - parts (resize in, ncut score; and noise)':<{LABEL_WIDTH}} "
         f"{r.ours_ms - ours_parts:9.1f}",
         f"    {'TokenCut end-to-end - parts (resize in, split, ncut; and noise)':<{LABEL_WIDTH}} "
         f"{r.baseline_ms - baseline_parts:9.1f}",
+        f"    {'TokenCut + BS end-to-end - TokenCut - bilateral (noise)':<{LABEL_WIDTH}} "
+        f"{r.baseline_bs_ms - r.baseline_ms - b['bilateral']:9.1f}",
     ]
     if "eigen_scipy" in b:
         lines.append(f"  TokenCut's reference solver: {SCIPY_EIGENSOLVER}")

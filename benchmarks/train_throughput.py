@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.cluster import worker_resources  # noqa: E402
-from pipeline.train import IMAGE_EXTENSIONS, TrainJob, run_training  # noqa: E402
+from pipeline.manifest import is_image_name  # noqa: E402
+from pipeline.train import TrainJob, run_training  # noqa: E402
 from sempart_core.config import SempartConfig  # noqa: E402
 from sempart_core.images import decode_image  # noqa: E402
 from sempart_core.model import build_model  # noqa: E402
@@ -44,8 +45,8 @@ from sempart_core.training import fit, random_batches  # noqa: E402
 
 log = logging.getLogger("benchmarks.train_throughput")
 
-DEFAULT_IMAGES = Path("/work/shared/data/duts-tr-sample/images")
-FALLBACK_IMAGES = Path(__file__).resolve().parent.parent / "tests" / "data" / "train_sample"
+# The photos the repository ships (8; cycled up to --n-images); pass --images for more.
+DEFAULT_IMAGES = Path(__file__).resolve().parent.parent / "tests" / "data" / "train_sample"
 # Flags left unset take these; --quick is about a minute on 2 CPU cores.
 FULL = {"backbone": "vit_small_patch16_224", "image_size": 224, "batch_size": 8, "steps": 120, "warmup": 20,
         "n_images": 256}
@@ -56,8 +57,8 @@ QUICK = {"backbone": "vit_tiny_patch16_224", "image_size": 96, "batch_size": 8, 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Small model and run (about a minute on CPU).")
-    parser.add_argument("--images", type=Path, dest="folder", help="Folder of training images "
-                        f"(default: {DEFAULT_IMAGES}, else the test sample).")
+    parser.add_argument("--images", type=Path, dest="folder", default=DEFAULT_IMAGES,
+                        help="Folder of training images (default: the repository's test sample).")
     parser.add_argument("--backbone")
     parser.add_argument("--weights", default="random")
     parser.add_argument("--image-size", type=int)
@@ -77,13 +78,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def image_folder(args: argparse.Namespace, scratch: Path) -> Path:
-    """A folder with the first N images (symlinks), so both sides read the same files."""
-    source = args.folder or (DEFAULT_IMAGES if DEFAULT_IMAGES.is_dir() else FALLBACK_IMAGES)
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[: args.n_images]
+    """A folder of N images (symlinks to the source's, cycled when it has fewer), so both
+    sides read the same files."""
+    files = sorted(p for p in args.folder.iterdir() if is_image_name(p.name))
+    if not files:
+        raise SystemExit(f"no images in {args.folder}")
     folder = scratch / "images"
     folder.mkdir()
-    for path in files:
-        (folder / path.name).symlink_to(path)
+    for i in range(args.n_images):
+        path = files[i % len(files)]
+        (folder / f"{i:05d}-{path.name}").symlink_to(path)
     return folder
 
 
@@ -143,7 +147,9 @@ def baseline(folder: Path, cfg: SempartConfig, args: argparse.Namespace, threads
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    own_ray = not ray.is_initialized()  # a caller's Ray (the test suite's) is used as it is
+    if own_ray:
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     _, threads = worker_resources(args.workers, args.gpu)
     cfg = config(args)
     with tempfile.TemporaryDirectory(prefix="sempart-train-bench-") as tmp:
@@ -151,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         folder = image_folder(args, scratch)
         count = len(list(folder.iterdir()))
         ours_ips = ours(folder, cfg, args, scratch)
-        ray.shutdown()  # the baseline gets the machine to itself
+        if own_ray:
+            ray.shutdown()  # the baseline gets the machine to itself
         baseline_ips = baseline(folder, cfg, args, threads)
     ratio = ours_ips / baseline_ips
     device = torch.cuda.get_device_name(0) if args.gpu else f"CPU, {threads} torch thread(s) per side"

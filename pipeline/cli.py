@@ -1,4 +1,4 @@
-"""`sempart ...`: the command line (DESIGN.md, "Command line" is the contract).
+"""`sempart ...`: the command line (docs/design.md, "Command line" is the contract).
 
 Each command is a thin wrapper: parse flags, call the module that does the work, turn
 user errors into one line on stderr and an exit code (0 ok, 1 partial, 2 usage).
@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
 from sempart_core.config import SempartConfig, load_config
 
 # Plain tracebacks: typer's rich ones print local variables, which may hold secrets.
@@ -95,34 +96,45 @@ def init_model(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    gt: Path = typer.Option(..., "--gt", help="Folder of ground-truth masks (PNG, >127 = object)."),
+    gt: Optional[Path] = typer.Option(None, "--gt", help="Folder of ground-truth masks (PNG, >127 = object)."),
+    boxes: Optional[Path] = typer.Option(None, "--boxes", help="Ground-truth boxes for CorLoc: a VOC Annotations folder or a COCO .json (with --model)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or URI (with --images)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images to predict."),
     pred: Optional[Path] = typer.Option(None, "--pred", help="Folder of predicted maps (PNG/.npy)."),
-    method: str = typer.Option("sempart", help="sempart | tokencut (TokenCut on the model's backbone)."),
+    method: str = typer.Option("sempart", help="sempart | tokencut (TokenCut as published, on the model's backbone) | tokencut-bs (TokenCut + bilateral solver)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the precision-recall curve PNG."),
     limit: Optional[int] = typer.Option(None, help="Evaluate at most N images."),
     batch_size: int = typer.Option(8, help="Images per forward pass."),
 ) -> None:
-    """Score masks like the salient-object literature: Acc, IoU, MAE, maxF (both conventions)."""
-    from pipeline.evaluate import evaluate_dirs, evaluate_model, write_pr_plot, write_report
+    """Score masks like the salient-object literature (Acc, IoU, MAE, maxF both conventions;
+    coarse and fine, border rule on and off) and boxes like object discovery (CorLoc)."""
+    from pipeline.annotations import read_boxes
+    from pipeline.evaluate import evaluate_dirs, evaluate_model, format_report, write_pr_plot, write_report
 
     if (pred is None) == (model is None) or (model is not None and images is None):
         raise UsageError("give either --pred DIR, or --model MODEL with --images DIR")
+    if gt is None and (pred is not None or boxes is None):
+        raise UsageError("give --gt MASKS (and/or --boxes ANNOTATIONS with --model)")
+    if boxes is not None and pred is not None:
+        raise UsageError("--boxes needs --model: CorLoc scores the boxes of the model's masks")
+    if plot is not None and gt is None:
+        raise UsageError("--plot needs --gt: the PR curve is over masks")
     if pred is not None:
         report = evaluate_dirs(pred, gt)
     else:
         from sempart_core.predictor import load_predictor
 
+        gt_boxes = read_boxes(boxes) if boxes is not None else None
         predictor = load_predictor(model, method=method, batch_size=batch_size)
-        report = evaluate_model(predictor, images, gt, limit=limit)
+        report = evaluate_model(predictor, images, gt, boxes=gt_boxes, limit=limit)
     if json_out:
         write_report(report, json_out)
     if plot:
         write_pr_plot(report, plot)
-    scalars = {k: v for k, v in report.items() if not isinstance(v, (list, dict))}
-    typer.echo(json.dumps(scalars, indent=2))
+    typer.echo(format_report(report))
+    scalars = {k: v for k, v in report.items() if not isinstance(v, list)}
+    typer.echo(json.dumps(scalars))
 
 
 @app.command("query")
@@ -186,32 +198,41 @@ S3_ANON_HELP = "Read S3 without credentials (public buckets)."
 @app.command("manifest")
 @user_errors
 def manifest_cmd(
-    src: str = typer.Argument(..., help="Folder, file:// or s3:// prefix of images."),
+    src: str = typer.Argument(..., help="Folder, file:// or s3:// prefix of images (S3: listed in parallel)."),
     out: str = typer.Option(..., "--out", help="Manifest Parquet to write (path or s3:// URI)."),
     s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help=S3_ENDPOINT_HELP),
     s3_anon: bool = typer.Option(False, "--s3-anon", help=S3_ANON_HELP),
 ) -> None:
-    """List images once (paginated, streamed) into a manifest: uri, image_id, size, etag."""
+    """List images once (streamed, S3 prefixes in parallel) into a manifest: uri, image_id,
+    size, etag. `label --input MANIFEST.parquet` then lists nothing."""
+    import time
+
     from pipeline.manifest import build_manifest
     from pipeline.storage import configure_s3, redact
 
     configure_s3(s3_endpoint, s3_anon)
+    start = time.perf_counter()
     count = build_manifest(src, out)
-    typer.echo(f"manifest: {count} images -> {redact(out)}")
+    seconds = time.perf_counter() - start
+    typer.echo(f"manifest: {count} images -> {redact(out)} in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} keys/s)")
 
 
 @app.command("label")
 @user_errors
 def label_cmd(
     model: str = typer.Option(..., "--model", help="Model folder or URI."),
-    input: str = typer.Option(..., "--input", help="Folder/prefix of images, manifest .parquet, or text file of URIs."),
+    input: str = typer.Option(..., "--input", help="Folder/prefix of images, manifest .parquet, text file of URIs, WebDataset .tar shards (folder/prefix, {00000..00099} pattern or list), or Parquet files of image bytes."),
     out: str = typer.Option(..., "--out", help="Output folder/prefix; the table is OUT/part-*.parquet."),
     resume: bool = typer.Option(False, "--resume", help="Finish the interrupted run in OUT."),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="With --resume: label the run's error rows again, rewriting their part files in place."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per model call."),
+    max_batch_tokens: int = typer.Option(DEFAULT_MAX_BATCH_TOKENS, "--max-batch-tokens", help="Backbone tokens (patches) per model call, all images together (default sized for ViT-S/8 on a 24 GB GPU); a batch out of memory is split in halves."),
     actors: Optional[int] = typer.Option(None, "--actors", help="Inference actors (default: one per GPU; on CPU one single-threaded actor per CPU)."),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="One GPU per actor (default: if the cluster has GPUs)."),
     rows_per_file: Optional[int] = typer.Option(None, "--rows-per-file", help="Rows per Parquet file (default: 1000)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Label only the first N images of the input."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet input: column of image bytes (binary or struct with 'bytes'; default: image, jpg, img or bytes)."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet input: column of image ids (default: sha1 of the uri)."),
     stall_timeout: float = typer.Option(
         300.0, "--stall-timeout", min=1.0, envvar="SEMPART_STALL_TIMEOUT",
         help="Seconds without any labelled row before the run stops and exits 1, naming what to --resume.",
@@ -230,7 +251,9 @@ def label_cmd(
     try:
         summary = run_label(
             LabelOptions(model=model, input=input, out=out, resume=resume, batch_size=batch_size, actors=actors,
-                         gpu=gpu, rows_per_file=rows_per_file, limit=limit, stall_timeout=stall_timeout)
+                         gpu=gpu, rows_per_file=rows_per_file, limit=limit, retry_errors=retry_errors,
+                         max_batch_tokens=max_batch_tokens, image_column=image_column, id_column=id_column,
+                         stall_timeout=stall_timeout)
         )
     except IncompleteRunError as exc:
         fail(str(exc), code=EXIT_PARTIAL)

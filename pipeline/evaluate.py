@@ -1,8 +1,12 @@
-"""Score predicted masks against ground-truth masks; write a JSON report and a PR plot.
+"""Score predicted masks against ground-truth masks and boxes; write a JSON report and a PR plot.
 
 Predictions and GT are matched by file stem (`0001.png` <-> `0001.png` / `0001.npy`).
-Both folder-based (`sempart eval --pred`) and model-based evaluation feed
-`evaluate_predictions`, so the two give the same numbers for the same probabilities.
+Folder-based evaluation (`sempart eval --pred`) scores the given maps. Model-based
+evaluation (`sempart eval --model`) scores, side by side, the fine and the coarse map
+(the coarse one upsampled to the GT's size), each with the border rule on (what the
+method outputs) and off (the rule's flip undone), and CorLoc of the main box when GT
+boxes are given. The fine map with the rule on is the method's output: its figures are
+also the report's top-level keys, as in a folder-based report.
 """
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from sempart_core.metrics import SODMetrics
-from sempart_core.postprocess import resize_prob
+from sempart_core.metrics import SODMetrics, corloc
+from sempart_core.postprocess import Prediction, connected_boxes, resize_prob
 
 logger = logging.getLogger(__name__)
 
@@ -137,38 +141,141 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path) -> dict:
 
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+MAPS = ("fine", "coarse")
+RULES = ("border_rule_on", "border_rule_off")
+_PERCENT = ("Acc", "IoU", "maxF_dataset", "maxF_image")  # printed in %, MAE as a fraction
 
 
-def _model_pairs(predictor, images_dir: Path, gt_dir: Path, limit: int | None):
-    """(stem, probability, GT) for every image with a GT mask, predicted in batches."""
+def metric_scalars(result: dict) -> dict:
+    """A `SODMetrics.result()` without its curves."""
+    return {k: v for k, v in result.items() if not isinstance(v, list)}
+
+
+class ModelScores:
+    """Streaming scores of a model's predictions, for every map and foreground rule.
+
+    Per image: the fine and coarse maps as predicted (border rule on) and with the flip
+    undone where the rule flipped (border rule off, only when ``border_rule`` says the
+    method has the rule); the main box of each rule's fine mask for CorLoc.
+    """
+
+    def __init__(self, masks: bool, boxes: bool, border_rule: bool, threshold: float):
+        self.rules = RULES if border_rule else RULES[:1]
+        self.threshold = threshold
+        self.sod = {(r, m): SODMetrics() for r in self.rules for m in MAPS} if masks else {}
+        self.pred_boxes: dict[str, list] = {r: [] for r in self.rules} if boxes else {}
+        self.gt_boxes: list[list[list[float]]] = []
+        self.n_flipped = 0
+
+    def add(self, pred: Prediction, gt_mask: np.ndarray | None, gt_boxes: list | None) -> None:
+        if pred.coarse is None:
+            raise ValueError("the prediction has no coarse map")
+        self.n_flipped += int(pred.border_flipped)
+        for rule in self.rules:
+            undo = rule == "border_rule_off" and pred.border_flipped
+            fine = 1.0 - pred.prob if undo else pred.prob
+            coarse = 1.0 - pred.coarse if undo else pred.coarse
+            if self.sod:
+                gt = np.asarray(gt_mask)
+                self.sod[rule, "fine"].update(resize_prob(fine, gt.shape[:2]), gt)
+                self.sod[rule, "coarse"].update(resize_prob(coarse, gt.shape[:2]), gt)
+            if self.pred_boxes:
+                box = connected_boxes(fine > self.threshold, 1)[0] if undo else pred.box
+                self.pred_boxes[rule].append(box)
+        if self.pred_boxes:
+            self.gt_boxes.append(gt_boxes)
+
+    def result(self) -> dict:
+        report: dict = {"rules": list(self.rules), "n_border_flipped": self.n_flipped}
+        if self.sod:
+            main = self.sod["border_rule_on", "fine"].result()
+            report.update(main)  # the method's output, as in a folder-based report
+            for rule in self.rules:
+                report[rule] = {m: metric_scalars(self.sod[rule, m].result()) for m in MAPS}
+        if self.pred_boxes:
+            report["corloc"] = {
+                "n_images": len(self.gt_boxes),
+                **{rule: corloc(self.pred_boxes[rule], self.gt_boxes) for rule in self.rules},
+            }
+            report["CorLoc"] = report["corloc"]["border_rule_on"]
+        return report
+
+
+def select_images(images_dir: Path, *stem_sets: set[str] | None) -> list[Path]:
+    """Images of `images_dir` (sorted) whose stem is in every given set of stems."""
+    if not images_dir.is_dir():
+        raise ValueError(f"image folder {images_dir} does not exist or is not a folder")
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for stems in stem_sets:
+        if stems is not None:
+            images = [p for p in images if p.stem in stems]
+    if not images:
+        raise ValueError(f"no image in {images_dir} has ground truth (a mask or boxes of the same name)")
+    return images
+
+
+def evaluate_model(
+    predictor,
+    images_dir: str | Path,
+    gt_dir: str | Path | None = None,
+    boxes: dict[str, list[list[float]]] | None = None,
+    limit: int | None = None,
+    stems: set[str] | None = None,
+) -> dict:
+    """Predict every image that has ground truth (a mask in `gt_dir`, boxes in `boxes`,
+    both when both are given; only `stems` if given) and score it (`ModelScores`)."""
     from sempart_core.images import decode_image
 
-    gts = _index_by_stem(gt_dir, MASK_SUFFIXES, "ground-truth mask")
-    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in gts)
-    if not images:
-        raise ValueError(f"no image in {images_dir} has a mask of the same name in {gt_dir}")
+    if gt_dir is None and boxes is None:
+        raise ValueError("give ground-truth masks, boxes, or both")
+    images_dir = Path(images_dir)
+    gts = _index_by_stem(Path(gt_dir), MASK_SUFFIXES, "ground-truth mask") if gt_dir is not None else None
+    images = select_images(images_dir, set(gts) if gts is not None else None,
+                           set(boxes) if boxes is not None else None, stems)
     images = images[:limit] if limit else images
+    scores = ModelScores(gts is not None, boxes is not None, predictor.method == "sempart",
+                         predictor.config.post.threshold)
     step = predictor.batch_size * 4
     for start in range(0, len(images), step):
         chunk = images[start : start + step]
         preds = predictor.predict([decode_image(p.read_bytes()) for p in chunk])
         for path, pred in zip(chunk, preds):
-            yield path.stem, pred.prob, read_mask(gts[path.stem])
+            mask = read_mask(gts[path.stem]) if gts is not None else None
+            try:
+                scores.add(pred, mask, boxes[path.stem] if boxes is not None else None)
+            except ValueError as err:
+                raise ValueError(f"image '{path.stem}': {err}") from err
         logger.info("evaluated %d/%d images", start + len(chunk), len(images))
-
-
-def evaluate_model(predictor, images_dir: str | Path, gt_dir: str | Path, limit: int | None = None) -> dict:
-    """Predict every image that has a GT mask and score the fine probability maps."""
-    images_dir, gt_dir = Path(images_dir), Path(gt_dir)
-    report = evaluate_predictions(_model_pairs(predictor, images_dir, gt_dir, limit))
+    report = scores.result()
     report.update(
         images_dir=str(images_dir),
-        gt_dir=str(gt_dir),
+        gt_dir=str(gt_dir) if gt_dir is not None else None,
         method=predictor.method,
+        foreground_rule="border" if predictor.method == "sempart" else "tokencut_seed",
         model_id=predictor.model_id,
         random_backbone=bool(predictor.meta.get("random_backbone", False)),
     )
     return report
+
+
+def format_report(report: dict) -> str:
+    """The report's figures as a small text table (percent), one row per map and rule."""
+    def cells(row: dict) -> str:
+        return "".join(f"{100 * row[c]:>14.1f}" for c in _PERCENT) + f"{row['MAE']:>8.3f}"
+
+    header = "".join(f"{c:>14}" for c in _PERCENT) + f"{'MAE':>8}"
+    lines = []
+    rules = [r for r in RULES if r in report]
+    if rules:
+        lines.append(f"{'map':<8}{'foreground rule':<18}{header}")
+        lines += [f"{m:<8}{rule:<18}{cells(report[rule][m])}" for rule in rules for m in MAPS]
+    elif "IoU" in report:
+        lines += [header, cells(report)]
+    if "corloc" in report:
+        c = report["corloc"]
+        lines.append(f"CorLoc ({c['n_images']} images): " + ", ".join(
+            f"{rule} {100 * c[rule]:.1f}" for rule in RULES if rule in c))
+    return "\n".join(lines)
 
 
 def write_report(report: dict, json_path: str | Path) -> Path:

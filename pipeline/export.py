@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -37,10 +36,11 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from pipeline.query import query_batches, where_query
 from pipeline.schema import STATUS_EMPTY, STATUS_ERROR, STATUS_OK
+from pipeline.sources import ImageReader
 from pipeline.storage import redact
 from sempart_core.images import decode_image
 from sempart_core.postprocess import rle_to_mask
-from sempart_core.uri import read_bytes
+from sempart_core.uri import atomic_local_file
 
 logger = logging.getLogger(__name__)
 
@@ -131,26 +131,17 @@ def iter_rows(
 @contextmanager
 def _atomic_text(path: Path) -> Iterator[IO[str]]:
     """A text file that appears at `path` only when complete (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_local_file(str(path)) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8")
+        yield text
+        text.flush()
+        text.detach()  # the raw file stays open for atomic_local_file to sync and rename
 
 
 def _save_image(image: Image.Image, path: Path, fmt: str, **params: Any) -> None:
-    """Encode in memory, then write with a rename, so no half-written image is left."""
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    """Write with a rename, so no half-written image is left."""
+    with atomic_local_file(str(path)) as f:
+        image.save(f, format=fmt, **params)
 
 
 def _count(summary: ExportSummary, status: str) -> None:
@@ -275,10 +266,11 @@ def export_masks(out_uri: str, folder: str | Path, where: str | None = None) -> 
 GALLERY_COLUMNS = ["image_id", "uri", "width", "height", "status", "error", "mask_rle", "box", "boxes", "score"]
 
 
-def load_rgb(uri: str) -> np.ndarray | None:
-    """The image at `uri` as RGB, or None if it cannot be read or decoded (any reason)."""
+def load_rgb(uri: str, reader: ImageReader | None = None) -> np.ndarray | None:
+    """The image a row's `uri` names as RGB (a file, a tar member, a Parquet row: see
+    `ImageReader`, given the labels' OUT), or None if it cannot be read or decoded."""
     try:
-        return decode_image(read_bytes(uri))
+        return decode_image((reader or ImageReader()).read(uri))
     except Exception as exc:  # missing, unreadable, not an image: all get a placeholder
         logger.debug("gallery: cannot read %s: %s", redact(uri), exc)
         return None
@@ -330,9 +322,11 @@ def _draw_box(draw: ImageDraw.ImageDraw, box: list[float], sx: float, sy: float,
     draw.rectangle([x1 * sx, y1 * sy, max(x1 * sx, x2 * sx - 1), max(y1 * sy, y2 * sy - 1)], outline=colour, width=width)
 
 
-def _gallery_card(row: dict[str, Any], name: str, order: int, thumbs: Path, size: int) -> tuple[str, bool]:
+def _gallery_card(
+    row: dict[str, Any], name: str, order: int, thumbs: Path, size: int, reader: ImageReader
+) -> tuple[str, bool]:
     """Render and save one thumbnail; return its HTML card and whether the image was unreadable."""
-    rgb = load_rgb(row["uri"])
+    rgb = load_rgb(row["uri"], reader)
     mask = rle_to_mask(row["mask_rle"]) if row["mask_rle"] is not None and row["status"] != STATUS_ERROR else None
     fallback = (row["height"], row["width"]) if row["height"] and row["width"] else (192, 256)
     thumb = render_thumbnail(rgb, mask, row["box"], row["boxes"], size, fallback)
@@ -406,6 +400,7 @@ def export_gallery(
     thumbs.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(target=str(folder / "index.html"))
     names = UniqueNames()
+    reader = ImageReader(str(out_uri))
     source = f"labels at {redact(str(out_uri))}" + (f", where {where}" if where else "")
     with _atomic_text(folder / "index.html") as out, concurrent.futures.ThreadPoolExecutor(GALLERY_THREADS) as pool:
         out.write(_GALLERY_HEAD % {"size": size, "source": html.escape(source)})
@@ -415,7 +410,7 @@ def export_gallery(
                 jobs.append((row, names(row["image_id"]), summary.rows))
                 summary.rows += 1
                 _count(summary, row["status"])
-            for card, unreadable in pool.map(lambda job: _gallery_card(*job, thumbs, size), jobs):
+            for card, unreadable in pool.map(lambda job: _gallery_card(*job, thumbs, size, reader), jobs):
                 out.write(card)
                 summary.written += 1
                 summary.unreadable += unreadable

@@ -1,29 +1,40 @@
 """`sempart label`: manifest -> fetch + decode -> model (actor pool) -> masks -> Parquet.
 
 Stages (Ray Data, streaming; see DESIGN.md "Labelling pipeline"):
-  1. chunk descriptors -> manifest rows (`read_manifest_slice`, pyarrow file system)
-  2. fetch bytes, `decode_image`, `prepare_image`; a bad image becomes an error row,
-     never a failed block (1 and 2: one CPU task per chunk)
-  3. actor pool: the model loaded once per actor, `Predictor.infer` per group of equal
-     prepared shapes (one GPU per actor with --gpu; bf16 inside the Predictor)
+  1. chunk descriptors -> the chunk's images (`sources.ChunkSource`: image files by
+     manifest rows, a WebDataset shard read as one stream, or rows of Parquet files)
+  2. `decode_image`, `prepare_image`; a bad image becomes an error row, never a failed
+     block (1 and 2: one CPU task per chunk)
+  3. actor pool: the model loaded once per actor, `Predictor.infer` per batch of equal
+     prepared shapes within a token budget, split in halves when memory runs out; an
+     image out of memory alone is an error row (sempart_core/batching.py; one GPU per
+     actor with --gpu; bf16 inside the Predictor)
   4. CPU tasks: `finish_raw` (resize, threshold, boxes, score), COCO RLE
   5. one writer actor: collects each chunk's rows and writes the chunk's file.
 
-Exactly once. The manifest is fixed when a run starts (a folder or URI list is listed
-into OUT/_manifests/<run_id>.parquet), and chunk k is its rows
-[k * rows_per_file, (k + 1) * rows_per_file). Chunk k is written to exactly one file,
-OUT/part-<run_id>-<k:06d>.parquet, only once all of its rows are there: locally under
-OUT/_tmp/ and then renamed (atomic), on S3 straight to the key (an object appears only
-when its upload completes). So the readable table, OUT/part-*.parquet, is always a set
-of complete chunks; a kill at any moment loses at most the chunks in flight, and
-`--resume` lists the part files, skips their chunks and labels the rest. A chunk
+Exactly once. The manifest is fixed when a run starts (an input other than a manifest
+is listed into OUT/_manifests/<run_id>.parquet), and chunk k is its rows
+[k * rows_per_file, (k + 1) * rows_per_file), or shard k of a WebDataset input (one
+manifest row per shard, whose sample count is known only once it is read). Each row
+carries (chunk, row in chunk); a decode task ends each chunk with an end-of-chunk row
+holding the chunk's row count, which flows through the later stages to the writer.
+Chunk k is written to exactly one file, OUT/part-<run_id>-<k:06d>.parquet, only once its
+end row and all of its rows are there: locally under OUT/_tmp/ and then renamed
+(atomic), on S3 straight to the key (an object appears only when its upload completes).
+So the readable table, OUT/part-*.parquet, is always a set of complete chunks; a kill at
+any moment loses at most the chunks in flight, and `--resume` lists the part files,
+skips their chunks and labels the rest. A chunk
 written twice (a zombie writer of a killed run) lands under the same name with the same
-rows. The run's settings live in OUT/_runs/<run_id>.json, so a resume keeps the run id,
-manifest and chunking. Readers skip `_`-prefixed paths (_tmp, _runs, _manifests).
+rows. The run's settings live in OUT/_runs/<run_id>.json (`LabelRun`), so a resume keeps
+the run id, manifest and chunking. Readers skip `_`-prefixed paths (_tmp, _runs, _manifests).
+
+`--resume --retry-errors` then labels the error rows of the part files again, through the
+same stages (decode keeps only the chunk's error rows), and `ErrorRetryWriter` writes each
+such file again whole, under its name, with those rows replaced: one row per image at any
+moment, and a rerun retries what is still an error.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -36,10 +47,9 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -47,10 +57,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import manifest as manifests
+from pipeline import sources
 from pipeline.cluster import init_ray, worker_resources
 from pipeline.schema import LABELS_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, image_id_for
-from pipeline.storage import is_s3, pyarrow_filesystem, pyarrow_s3, redact, s3_env
+from pipeline.storage import pyarrow_filesystem, redact, s3_env
 from sempart_core import uri as uris
+from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
 from sempart_core.config import PostConfig
 from sempart_core.images import decode_image, prepare_image
 from sempart_core.postprocess import RawPrediction, finish_raw
@@ -65,6 +77,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_ROWS_PER_FILE = 1000
 DEFAULT_BATCH_SIZE = 8
 COUNTS_KEY = b"sempart_counts"  # per-file status counts in the Parquet footer
+ATTEMPTS_KEY = b"sempart_attempts"  # image_id -> attempts, for the rows labelled again (--retry-errors)
 STATUSES = ("ok", "empty", "error")
 PROGRESS_EVERY_S = 10.0
 DEFAULT_STALL_TIMEOUT_S = 300.0
@@ -74,9 +87,13 @@ DECODE_BATCH = 16  # images per table yielded by a decode task
 CPU_STAGE_NICE = 10  # scheduling priority of the light stages when the model runs on CPU
 CPU_BLOCK_BYTES = 2**20  # block size on CPU: a few 320 px images, so an actor task is ~one batch
 
+END_OF_CHUNK = "end of chunk"  # the error text of a chunk's end row (dropped by the writer)
+
 DECODED_SCHEMA = pa.schema(
     [
-        ("row", pa.int64()),
+        ("chunk", pa.int64()),
+        ("row", pa.int64()),  # in the chunk; -1 on the end row
+        ("chunk_rows", pa.int64()),  # the end row: the chunk's row count; null on image rows
         ("image_id", pa.string()),
         ("uri", pa.string()),
         ("width", pa.int32()),
@@ -90,7 +107,7 @@ DECODED_SCHEMA = pa.schema(
 INFERRED_SCHEMA = DECODED_SCHEMA.remove(DECODED_SCHEMA.get_field_index("pixels")).append(
     pa.field("prob", pa.large_binary())  # float32 [in_h, in_w]
 ).append(pa.field("ncut", pa.float64()))
-ROWS_SCHEMA = LABELS_SCHEMA.insert(0, pa.field("row", pa.int64()))
+ROWS_SCHEMA = pa.schema(list(DECODED_SCHEMA)[:3] + list(LABELS_SCHEMA), metadata=LABELS_SCHEMA.metadata)
 
 
 class LabelUsageError(ValueError):
@@ -114,6 +131,10 @@ class LabelOptions:
     gpu: bool | None = None  # default: use GPUs when the cluster has some
     rows_per_file: int | None = None  # default DEFAULT_ROWS_PER_FILE; fixed per run
     limit: int | None = None  # first N manifest rows; fixed per run
+    retry_errors: bool = False  # with resume: label the error rows of the run's part files again
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # tokens per model call (sempart_core/batching.py)
+    image_column: str | None = None  # Parquet input: the column of image bytes (default: detected)
+    id_column: str | None = None  # Parquet input: the column of image ids (default: sha1 of uri)
     stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # fail when no row reaches the writer for this long
 
     def public(self) -> dict:
@@ -132,6 +153,8 @@ class LabelSummary:
     table: str = ""
     resumed: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    retried: int = 0  # error rows labelled again (--retry-errors), part of labelled_now
+    still_errors: int = 0  # of those, rows that failed again
 
     @property
     def exit_code(self) -> int:
@@ -142,7 +165,8 @@ class LabelSummary:
         return (
             f"labelled {self.total} images (ok {c['ok']}, empty {c['empty']}, error {c['error']}); "
             f"this run {self.labelled_now} in {self.seconds:.1f} s, {self.images_per_s:.2f} images/s; "
-            f"run {self.run_id}; table {self.table}"
+            + (f"retried {self.retried} error rows, {self.still_errors} still errors; " if self.retried else "")
+            + f"run {self.run_id}; table {self.table}"
         )
 
 
@@ -153,45 +177,33 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
 
 
-@functools.lru_cache(maxsize=1)
-def _s3_fs() -> pafs.S3FileSystem:
-    return pyarrow_s3()  # one client per worker process, not per image
+def decode_sample(sample: sources.Sample, image_size: int, patch: int) -> dict:
+    """Decode and prepare one image; any failure becomes the row's error."""
+    rec = {"uri": sample.uri, "image_id": sample.image_id or image_id_for(sample.uri)}
+    try:
+        if sample.error is not None:
+            raise sample.error
+        rgb = decode_image(sample.data)
+        rec.update(height=rgb.shape[0], width=rgb.shape[1])
+        prepared = np.ascontiguousarray(prepare_image(rgb, image_size, patch))
+        rec.update(in_h=prepared.shape[0], in_w=prepared.shape[1], pixels=prepared.tobytes())
+    except Exception as exc:  # noqa: BLE001 - bad input must not fail the block
+        rec["error"] = _one_line(exc)
+    return rec
 
 
-def fetch_bytes(uri: str) -> bytes:
-    """The object's bytes, through pyarrow (local path, file:// or s3://)."""
-    if is_s3(uri):
-        parsed = urlparse(uri)
-        fs, path = _s3_fs(), f"{parsed.netloc}{parsed.path}"
-    else:
-        fs, path = pyarrow_filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def read_chunks(batch: pa.Table, manifest: str, rows_per_file: int, total: int) -> pa.Table:
-    """Chunk indices -> their manifest rows (row, uri, image_id)."""
-    tables = []
-    for k in batch.column("chunk").to_pylist():
-        start = k * rows_per_file
-        tables.append(manifests.read_manifest_slice(manifest, start, min(start + rows_per_file, total)))
-    return pa.concat_tables(tables)
-
-
-def decode_batch(batch: pa.Table, image_size: int, patch: int) -> pa.Table:
-    """Fetch, decode and prepare each image; any failure becomes that row's error."""
-    out = []
-    for row, uri, image_id in zip(*(batch.column(c).to_pylist() for c in ("row", "uri", "image_id"))):
-        rec = {"row": row, "uri": uri, "image_id": image_id or image_id_for(uri)}
-        try:
-            rgb = decode_image(fetch_bytes(uri))
-            rec.update(height=rgb.shape[0], width=rgb.shape[1])
-            prepared = np.ascontiguousarray(prepare_image(rgb, image_size, patch))
-            rec.update(in_h=prepared.shape[0], in_w=prepared.shape[1], pixels=prepared.tobytes())
-        except Exception as exc:  # noqa: BLE001 - bad input must not fail the block
-            rec["error"] = _one_line(exc)
-        out.append(rec)
-    return pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+def decode_samples(samples: Iterator[sources.Sample], chunk: int, image_size: int, patch: int) -> Iterator[pa.Table]:
+    """One chunk's samples -> decoded rows, DECODE_BATCH per table, then its end row."""
+    out: list[dict] = []
+    n = 0
+    for sample in samples:
+        out.append({**decode_sample(sample, image_size, patch), "chunk": chunk, "row": n})
+        n += 1
+        if len(out) == DECODE_BATCH:
+            yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+            out = []
+    out.append({"chunk": chunk, "row": -1, "chunk_rows": n, "uri": "", "image_id": "", "error": END_OF_CHUNK})
+    yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
 
 
 def lower_priority(nice: int) -> None:
@@ -202,57 +214,70 @@ def lower_priority(nice: int) -> None:
 
 
 def decode_chunks(
-    batch: pa.Table, manifest: str, rows_per_file: int, total: int, image_size: int, patch: int, nice: int = 0
+    batch: pa.Table, source: sources.ChunkSource, image_size: int, patch: int, nice: int = 0,
+    errors_of_run: tuple[str, str] | None = None,
 ) -> Iterator[pa.Table]:
-    """Chunk indices -> decoded rows, DECODE_BATCH images per yielded table.
+    """Chunk indices -> decoded rows, DECODE_BATCH images per yielded table. With
+    `errors_of_run` (OUT, run id; --retry-errors) only the rows that are errors in the
+    chunks' part files.
 
-    One stage run with one chunk per task: as two fused stages (read_chunks, then
-    decode_batch with batch_size 16), Ray Data gave each task 16 chunk indices (the
-    larger batch size of the two), so each stage held 16,000 images in one block and
-    the run advanced in a few large waves."""
+    One stage with one chunk per task: as two fused stages (read the chunk, then decode
+    with batch_size 16), Ray Data gave each task 16 chunk indices (the larger batch size
+    of the two), so each stage held 16,000 images in one block and the run advanced in a
+    few large waves."""
     lower_priority(nice)
-    rows = read_chunks(batch, manifest, rows_per_file, total)
-    for start in range(0, rows.num_rows, DECODE_BATCH):
-        yield decode_batch(rows.slice(start, DECODE_BATCH), image_size, patch)
+    for chunk in batch.column("chunk").to_pylist():
+        samples = source.samples(chunk)
+        if errors_of_run is not None:
+            samples = error_samples(samples, chunk, *errors_of_run)
+        yield from decode_samples(samples, chunk, image_size, patch)
 
 
 class Infer:
-    """Actor: the model, loaded once; infers each group of equally prepared images."""
+    """Actor: the model, loaded once; infers the decoded images of each block in batches
+    of one input shape within the token budget (`sempart_core.batching`)."""
 
-    def __init__(self, model: str, model_id: str, device: str, batch_size: int, threads: int | None = None):
+    def __init__(
+        self, model: str, model_id: str, device: str, batch_size: int, threads: int | None = None,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    ):
         from sempart_core.artifact import ArtifactError
         from sempart_core.predictor import load_predictor
 
-        if threads:  # CPU inference: Ray set OMP_NUM_THREADS for the actor's reserved CPUs
+        if threads:  # the CPUs reserved for this actor (worker_resources)
             import torch
 
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         self.predictor = load_predictor(model, device=device, batch_size=batch_size)
         if self.predictor.model_id != model_id:  # rows must carry the model that made them
             raise ArtifactError(f"model {redact(model)} changed since the run started: use a new OUT")
-        self.batch_size = batch_size
+        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
+        from sempart_core.batching import infer_splitting, plan_batches
+
+        n, patch = batch.num_rows, self.predictor.patch
         errors = batch.column("error").to_pylist()
         in_h, in_w = batch.column("in_h").to_pylist(), batch.column("in_w").to_pylist()
+        width, height = batch.column("width").to_pylist(), batch.column("height").to_pylist()
         pixels = batch.column("pixels").to_pylist()
         probs: list[bytes | None] = [None] * n
         ncuts: list[float | None] = [None] * n
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i in range(n):
-            if errors[i] is None:
-                groups[(in_h[i], in_w[i])].append(i)
-        for (h, w), idx in groups.items():
-            for s in range(0, len(idx), self.batch_size):
-                part = idx[s : s + self.batch_size]
-                try:
-                    images = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(h, w, 3) for i in part])
-                    for i, raw in zip(part, self.predictor.infer(images)):
-                        probs[i], ncuts[i] = raw.prob.astype(np.float32).tobytes(), raw.ncut
-                except Exception as exc:  # noqa: BLE001 - one bad batch, not the block
-                    for i in part:
-                        errors[i] = f"inference failed: {_one_line(exc)}"
+        todo = [i for i in range(n) if errors[i] is None]
+        shapes = [(in_h[i], in_w[i]) for i in todo]
+        for part in plan_batches(shapes, patch, self.batch_size, self.max_batch_tokens):
+            rows = [todo[j] for j in part]
+            h, w = in_h[rows[0]], in_w[rows[0]]
+            try:
+                images = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(h, w, 3) for i in rows])
+                raws = infer_splitting(self.predictor.infer, images, patch, [(width[i], height[i]) for i in rows])
+            except Exception as exc:  # noqa: BLE001 - one bad batch, not the block
+                raws = [f"inference failed: {_one_line(exc)}"] * len(rows)
+            for i, raw in zip(rows, raws):
+                if isinstance(raw, RawPrediction):
+                    probs[i], ncuts[i] = raw.prob.astype(np.float32).tobytes(), raw.ncut
+                else:  # ImageOutOfMemory, or the batch's error
+                    errors[i] = str(raw)
         table = batch.drop_columns(["pixels", "error"])
         table = table.append_column("error", pa.array(errors, pa.string()))
         table = table.append_column("prob", pa.array(probs, pa.large_binary()))
@@ -266,7 +291,7 @@ def finish_batch(batch: pa.Table, post: PostConfig, model_id: str, run_id: str, 
     now = datetime.now(timezone.utc)
     out = []
     for r in batch.to_pylist():
-        rec = {k: r[k] for k in ("row", "image_id", "uri", "width", "height")}
+        rec = {k: r[k] for k in ("chunk", "row", "chunk_rows", "image_id", "uri", "width", "height")}
         rec.update(model_id=model_id, run_id=run_id, labeled_at=now, error=r["error"])
         if r["error"] is None:
             try:
@@ -304,45 +329,116 @@ def write_part(table: pa.Table, out: str, name: str) -> None:
 
 
 class ChunkWriter:
-    """Actor (exactly one): buffers rows per chunk, writes a chunk when it is complete.
+    """Actor (exactly one): buffers rows per chunk, writes a chunk when it is complete:
+    its end row has come (with the chunk's row count) and that many distinct rows.
 
     Emits one summary row per written file. Rows seen twice (a retried upstream task)
     are kept once; rows of a chunk already written are dropped.
     """
 
-    def __init__(self, out: str, run_id: str, rows_per_file: int, total: int, nice: int = 0):
+    def __init__(self, out: str, run_id: str, nice: int = 0):
         lower_priority(nice)
-        self.out, self.run_id, self.rows_per_file, self.total = out, run_id, rows_per_file, total
+        self.out, self.run_id = out, run_id
         self.parts: dict[int, list[pa.Table]] = defaultdict(list)
         self.seen: dict[int, set[int]] = defaultdict(set)
+        self.expected: dict[int, int] = {}
         self.written: set[int] = set()
-
-    def expected(self, chunk: int) -> int:
-        return min(self.rows_per_file, self.total - chunk * self.rows_per_file)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         done = []
-        rows = batch.column("row").to_numpy()
-        chunks = rows // self.rows_per_file
+        chunks, rows = batch.column("chunk").to_numpy(), batch.column("row").to_numpy()
+        ends = batch.column("chunk_rows").to_pylist()
         for chunk in map(int, np.unique(chunks)):
             if chunk in self.written:
                 continue
-            keep = [i for i in np.flatnonzero(chunks == chunk) if int(rows[i]) not in self.seen[chunk]]
-            self.seen[chunk].update(int(rows[i]) for i in keep)
-            self.parts[chunk].append(batch.take(keep))
-            if len(self.seen[chunk]) == self.expected(chunk):
+            keep = []
+            for i in np.flatnonzero(chunks == chunk):
+                if ends[i] is not None:
+                    self.expected[chunk] = ends[i]
+                elif int(rows[i]) not in self.seen[chunk]:
+                    self.seen[chunk].add(int(rows[i]))
+                    keep.append(i)
+            if keep:
+                self.parts[chunk].append(batch.take(pa.array(keep, pa.int64())))
+            if len(self.seen[chunk]) == self.expected.get(chunk):
                 done.append(self.flush(chunk))
         progress = {"chunk": PROGRESS_ROW, "rows": batch.num_rows, **dict.fromkeys(STATUSES, 0)}  # for the watchdog
         return pa.Table.from_pylist(done + [progress], schema=SUMMARY_SCHEMA)
 
     def flush(self, chunk: int) -> dict:
-        table = pa.concat_tables(self.parts.pop(chunk)).sort_by("row").drop_columns(["row"])
-        del self.seen[chunk]
-        self.written.add(chunk)
-        counts = status_counts(table.column("status").to_pylist())
-        meta = {**LABELS_SCHEMA.metadata, COUNTS_KEY: json.dumps(counts).encode()}
-        write_part(table.cast(LABELS_SCHEMA).replace_schema_metadata(meta), self.out, part_name(self.run_id, chunk))
+        table = self.take(chunk)
+        counts = write_labels(table, self.out, part_name(self.run_id, chunk))
         return {"chunk": chunk, "rows": table.num_rows, **counts}
+
+    def take(self, chunk: int) -> pa.Table:
+        """The chunk's rows in order, as output rows; from now on the chunk is written."""
+        table = pa.concat_tables(self.parts.pop(chunk, []) or [ROWS_SCHEMA.empty_table()])
+        table = table.sort_by("row").drop_columns(["chunk", "row", "chunk_rows"])
+        del self.seen[chunk], self.expected[chunk]
+        self.written.add(chunk)
+        return table
+
+
+class ErrorRetryWriter(ChunkWriter):
+    """Actor (exactly one) for --retry-errors: once every error row of a part file is
+    labelled again, the file is written again whole with those rows replaced, under its
+    own name (write_part: local temp + rename, on S3 one object replaced whole), so the
+    table keeps one row per image whenever the run stops. Emits one summary row per
+    file, counting the relabelled rows only."""
+
+    def flush(self, chunk: int) -> dict:
+        relabelled = self.take(chunk)
+        name = part_name(self.run_id, chunk)
+        fs, root = pyarrow_filesystem(self.out)
+        merged, attempts = merge_retried(pq.read_table(f"{root}/{name}", filesystem=fs), relabelled, name)
+        write_labels(merged, self.out, name, attempts)
+        return {"chunk": chunk, "rows": relabelled.num_rows, **status_counts(relabelled.column("status").to_pylist())}
+
+
+def error_samples(samples: Iterator[sources.Sample], chunk: int, out: str, run_id: str) -> Iterator[sources.Sample]:
+    """The samples of `chunk` that are error rows in its part file, which holds the
+    chunk's samples in the same order (--retry-errors)."""
+    name = part_name(run_id, chunk)
+    fs, root = pyarrow_filesystem(out)
+    done = pq.read_table(f"{root}/{name}", columns=["uri", "status"], filesystem=fs)
+    uris_done, statuses = done.column("uri").to_pylist(), done.column("status").to_pylist()
+    changed = RuntimeError(f"{name} does not hold the images of its chunk in order: the input changed since the run")
+    count = 0
+    for sample in samples:
+        if count >= len(uris_done) or sample.uri != uris_done[count]:
+            raise changed
+        if statuses[count] == STATUS_ERROR:
+            yield sample
+        count += 1
+    if count != len(uris_done):
+        raise changed
+
+
+def merge_retried(old: pa.Table, relabelled: pa.Table, name: str) -> tuple[pa.Table, dict[str, int]]:
+    """A part file's table with its error rows replaced by `relabelled` (their new rows,
+    in order), and the attempts per image_id of every row tried more than once."""
+    uris = old.column("uri").to_pylist()
+    positions = [i for i, s in enumerate(old.column("status").to_pylist()) if s == STATUS_ERROR]
+    if [uris[i] for i in positions] != relabelled.column("uri").to_pylist():
+        raise RuntimeError(f"{name} changed while its errors were labelled again: run --retry-errors again")
+    index = np.arange(old.num_rows)
+    index[positions] = old.num_rows + np.arange(len(positions))
+    both = pa.concat_tables([t.cast(LABELS_SCHEMA).replace_schema_metadata(None) for t in (old, relabelled)])
+    attempts = json.loads((old.schema.metadata or {}).get(ATTEMPTS_KEY, b"{}"))
+    for image_id in relabelled.column("image_id").to_pylist():
+        attempts[image_id] = attempts.get(image_id, 1) + 1
+    return both.take(index), attempts
+
+
+def write_labels(table: pa.Table, out: str, name: str, attempts: dict[str, int] | None = None) -> dict[str, int]:
+    """Write a part file with its status counts (and the attempts of retried rows) in
+    its footer; returns the counts."""
+    counts = status_counts(table.column("status").to_pylist())
+    meta = {**LABELS_SCHEMA.metadata, COUNTS_KEY: json.dumps(counts).encode()}
+    if attempts:
+        meta[ATTEMPTS_KEY] = json.dumps(attempts).encode()
+    write_part(table.cast(LABELS_SCHEMA).replace_schema_metadata(meta), out, name)
+    return counts
 
 
 SUMMARY_SCHEMA = pa.schema([("chunk", pa.int64()), ("rows", pa.int64())] + [(s, pa.int64()) for s in STATUSES])
@@ -359,7 +455,88 @@ def _runs_dir(out: str) -> str:
     return uris.join(out, "_runs")
 
 
-def find_run(out: str) -> dict | None:
+class RunRecordError(LabelUsageError):
+    """OUT/_runs/<run_id>.json cannot be read as a label run record."""
+
+
+RUN_RECORD_VERSION = 1  # raised only when a change is not backward compatible
+
+
+@dataclass
+class RetryRecord:
+    """One --retry-errors pass: its part files, rows and the rows' new statuses."""
+
+    at: str
+    files: int
+    rows: int
+    ok: int = 0
+    empty: int = 0
+    error: int = 0
+
+
+@dataclass
+class LabelRun:
+    """The run record, OUT/_runs/<run_id>.json: what a resume must keep (id, manifest,
+    chunking, model) and what the run did (counts, timings, retries)."""
+
+    run_id: str
+    model_id: str
+    manifest: str | None  # relative to OUT; None: the input is the manifest
+    manifest_rows: int
+    rows: int  # rows labelled: manifest_rows, or fewer with limit
+    rows_per_file: int
+    input_kind: str = "manifest"
+    image_column: str | None = None  # Parquet-with-bytes input: the column of image bytes
+    limit: int | None = None
+    schema_version: int = SCHEMA_VERSION  # of the output table
+    status: str = "running"  # running | finished
+    config: dict = field(default_factory=dict)  # LabelOptions.public() of the first invocation
+    started_at: str = ""
+    finished_at: str | None = None
+    invocations: int = 0  # finished invocations (first run, resumes, retries)
+    counts: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] | None = None  # of the last invocation that labelled
+    labelled_last: int | None = None
+    images_per_s: float | None = None
+    last_config: dict | None = None
+    retries: list[RetryRecord] = field(default_factory=list)
+    record_version: int = RUN_RECORD_VERSION
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.rows // self.rows_per_file)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "run record") -> LabelRun:
+        """Read a record of this or an older version (fields it lacks take defaults);
+        anything else is a RunRecordError of one line."""
+        if not isinstance(data, dict):
+            raise RunRecordError(f"{where} is not a label run record (a JSON object)")
+        version = data.get("record_version", 1)  # records before this field were version 1
+        if not isinstance(version, int) or version > RUN_RECORD_VERSION:
+            raise RunRecordError(f"{where} has record version {version!r}: written by a newer sempart, upgrade it")
+        own = {f.name: f for f in fields(cls)}
+        missing = [n for n, f in own.items() if f.default is MISSING and f.default_factory is MISSING and n not in data]
+        if missing:
+            raise RunRecordError(f"{where} is not a label run record: no {', '.join(missing)}")
+        known = {k: v for k, v in data.items() if k in own}
+        try:
+            known["retries"] = [RetryRecord(**r) for r in known.get("retries", [])]
+            run = cls(**known)
+        except TypeError as exc:
+            raise RunRecordError(f"{where} has a malformed retries entry: {exc}") from None
+        for name in ("manifest_rows", "rows", "rows_per_file", "invocations"):
+            if not isinstance(getattr(run, name), int) or getattr(run, name) < 0:
+                raise RunRecordError(f"{where} has {name} {getattr(run, name)!r}, not a count")
+        if run.rows_per_file < 1:
+            raise RunRecordError(f"{where} has rows_per_file {run.rows_per_file}, not >= 1")
+        return run
+
+
+def find_run(out: str) -> LabelRun | None:
     """The run recorded in OUT/_runs/ (one run per OUT), or None."""
     fs, root = pyarrow_filesystem(_runs_dir(out))
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
@@ -368,11 +545,16 @@ def find_run(out: str) -> dict | None:
         raise LabelUsageError(f"{redact(out)} holds {len(docs)} runs in _runs/: label into a new OUT")
     if not docs:
         return None
-    return json.loads(uris.read_bytes(uris.join(_runs_dir(out), docs[0].base_name)))
+    where = redact(uris.join(_runs_dir(out), docs[0].base_name))
+    try:
+        data = json.loads(uris.read_bytes(uris.join(_runs_dir(out), docs[0].base_name)))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunRecordError(f"{where} is not JSON ({exc}): remove it only if OUT holds no part files") from None
+    return LabelRun.from_dict(data, where)
 
 
-def save_run(out: str, state: dict) -> None:
-    uris.write_bytes(uris.join(_runs_dir(out), f"{state['run_id']}.json"), json.dumps(state, indent=2).encode())
+def save_run(out: str, run: LabelRun) -> None:
+    uris.write_bytes(uris.join(_runs_dir(out), f"{run.run_id}.json"), json.dumps(run.to_dict(), indent=2).encode())
 
 
 def done_chunks(out: str, run_id: str) -> dict[int, str]:
@@ -387,19 +569,19 @@ def done_chunks(out: str, run_id: str) -> dict[int, str]:
     return found
 
 
-def counts_of(out: str, paths: list[str]) -> dict[str, int]:
-    """Status counts of finished part files, from their footers only."""
+def footer_counts(out: str, paths: list[str]) -> list[dict[str, int]]:
+    """Status counts of each finished part file, from its footer only."""
     fs, _ = pyarrow_filesystem(out)
-    totals = dict.fromkeys(STATUSES, 0)
 
     def footer(path: str) -> dict[str, int]:
         return json.loads(pq.read_metadata(path, filesystem=fs).metadata[COUNTS_KEY])
 
     with ThreadPoolExecutor(16) as pool:
-        for c in pool.map(footer, paths):
-            for s in STATUSES:
-                totals[s] += c[s]
-    return totals
+        return list(pool.map(footer, paths))
+
+
+def sum_counts(per_file: list[dict[str, int]]) -> dict[str, int]:
+    return {s: sum(c[s] for c in per_file) for s in STATUSES}
 
 
 def remove_temp_files(out: str) -> None:
@@ -412,50 +594,49 @@ def remove_temp_files(out: str) -> None:
 # ---------------------------------------------------------------- driver
 
 
-def _new_run(opts: LabelOptions, model_id: str) -> dict:
+def _new_run(opts: LabelOptions, model_id: str) -> LabelRun:
     """Fix the run: its id, manifest (listed now if needed) and chunking."""
     fs, root = pyarrow_filesystem(opts.out)
     if any(i.base_name.startswith("part-") for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))):
         raise LabelUsageError(f"{redact(opts.out)} already holds part files of another run: use a new OUT")
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    kind = manifests.source_kind(opts.input)
+    kind = sources.input_kind(opts.input, opts.image_column)
+    image_column = sources.resolve_image_column(opts.input, opts.image_column) if kind == sources.PARQUET else None
+    if kind == sources.SHARDS and (opts.rows_per_file is not None or opts.limit is not None):
+        raise LabelUsageError("--rows-per-file and --limit do not apply to .tar shards (one file per shard): drop them")
     manifest_rel = None
     if kind != "manifest":
         manifest_rel = f"_manifests/{run_id}.parquet"
-        manifests.write_manifest(manifests.input_rows(opts.input), uris.join(opts.out, manifest_rel))
+        rows, schema = sources.run_manifest(kind, opts.input, image_column, opts.id_column)
+        manifests.write_manifest(rows, uris.join(opts.out, manifest_rel), schema=schema)
     manifest = uris.join(opts.out, manifest_rel) if manifest_rel else opts.input
     n = manifests.manifest_rows(manifest)
-    return {
-        "run_id": run_id,
-        "status": "running",
-        "schema_version": SCHEMA_VERSION,
-        "model_id": model_id,
-        "input_kind": kind,
-        "manifest": manifest_rel,  # relative to OUT; null: the input is the manifest
-        "manifest_rows": n,
-        "rows": n if opts.limit is None else min(n, opts.limit),
-        "rows_per_file": opts.rows_per_file or DEFAULT_ROWS_PER_FILE,
-        "limit": opts.limit,
-        "config": opts.public(),
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "invocations": 0,
-    }
+    return LabelRun(
+        run_id=run_id, model_id=model_id, input_kind=kind, image_column=image_column, manifest=manifest_rel,
+        manifest_rows=n, rows=n if opts.limit is None else min(n, opts.limit),
+        rows_per_file=1 if kind == sources.SHARDS else opts.rows_per_file or DEFAULT_ROWS_PER_FILE,
+        limit=opts.limit, config=opts.public(), started_at=_now(),
+    )
 
 
-def _check_resume(state: dict, opts: LabelOptions, model_id: str) -> None:
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_resume(run: LabelRun, opts: LabelOptions, model_id: str) -> None:
     """A resume must label the same images with the same model and chunking."""
-    if state["model_id"] != model_id:
+    if run.model_id != model_id:
         raise LabelUsageError(
-            f"{redact(opts.out)} was labelled with model {state['model_id'][:12]}, not {model_id[:12]}: use a new OUT"
+            f"{redact(opts.out)} was labelled with model {run.model_id[:12]}, not {model_id[:12]}: use a new OUT"
         )
     for key in ("rows_per_file", "limit"):
-        given = getattr(opts, key)
-        if given is not None and given != state[key]:
-            raise LabelUsageError(f"--{key.replace('_', '-')} {given} differs from the run's {state[key]}: drop it")
-    if state["manifest"] is None and manifests.manifest_rows(opts.input) != state["manifest_rows"]:
+        given, recorded = getattr(opts, key), getattr(run, key)
+        if given is not None and given != recorded:
+            raise LabelUsageError(f"--{key.replace('_', '-')} {given} differs from the run's {recorded}: drop it")
+    if run.manifest is None and manifests.manifest_rows(opts.input) != run.manifest_rows:
         raise LabelUsageError(f"manifest {redact(opts.input)} changed since the run started: use a new OUT")
-    if redact(opts.input) != state["config"]["input"]:
-        logger.warning("--input differs from the run's %s: resuming with the run's manifest", state["config"]["input"])
+    if redact(opts.input) != run.config.get("input"):
+        logger.warning("--input differs from the run's %s: resuming with the run's manifest", run.config.get("input"))
 
 
 def _resources(opts: LabelOptions) -> tuple[bool, int]:
@@ -472,9 +653,12 @@ def _resources(opts: LabelOptions) -> tuple[bool, int]:
 
 
 def build_dataset(
-    pending: list[int], manifest: str, state: dict, art: ArtifactInfo, opts: LabelOptions, gpu: bool, actors: int
+    pending: list[int], manifest: str, run: LabelRun, art: ArtifactInfo, opts: LabelOptions, gpu: bool, actors: int,
+    retry: dict[int, int] | None = None,
 ) -> ray.data.Dataset:
-    """The streaming Ray Data pipeline over the pending chunks; yields summary rows."""
+    """The streaming Ray Data pipeline over the pending chunks; yields summary rows.
+    With `retry` (chunk -> its error rows; --retry-errors) it labels those rows again
+    and rewrites their part files."""
     import ray
 
     cfg = art.config
@@ -496,28 +680,29 @@ def build_dataset(
     # than stalling its threads (a load of 10 % of one core slowed the model 6.5 % at
     # equal priority, 1 % at nice 10). On a GPU node decode is the stage to keep fed.
     nice = 0 if gpu else CPU_STAGE_NICE
-    rows, per_file, run_id = state["rows"], state["rows_per_file"], state["run_id"]
+    rows, per_file, run_id = run.rows, run.rows_per_file, run.run_id
     ds = ray.data.from_items([{"chunk": k} for k in pending], override_num_blocks=min(len(pending), 10_000))
+    source = sources.ChunkSource(kind=run.input_kind, manifest=manifest, rows_per_file=per_file, total=rows,
+                                 out=opts.out, run_id=run_id, image_column=run.image_column)
     ds = ds.map_batches(
         decode_chunks, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"manifest": manifest, "rows_per_file": per_file, "total": rows,
-                   "image_size": cfg.data.image_size, "patch": patch, "nice": nice},
+        fn_kwargs={"source": source, "image_size": cfg.data.image_size, "patch": patch, "nice": nice,
+                   "errors_of_run": (opts.out, run_id) if retry else None},
         **cpu_stage,
     )
-    per_actor, _ = worker_resources(actors, gpu)
+    per_actor, threads = worker_resources(actors, gpu)
     infer_resources = {"num_cpus": per_actor["CPU"], "num_gpus": per_actor.get("GPU", 0.0)}
     if gpu:
-        threads, pool, infer_env = None, ray.data.ActorPoolStrategy(size=actors), env
+        pool, infer_env = ray.data.ActorPoolStrategy(size=actors), env
     else:
         # On CPU the model is nearly all of the work. By default there is one actor per
         # CPU, each computing with one thread: two 1-thread actors labelled 0.97 s per
         # image here where one 2-thread actor took 1.05 (its threads wait on each other
         # whenever anything else takes a core). The actors reserve the CPUs but one
-        # (worker_resources), which the decode/finish tasks need, yet compute on their
-        # share of all of them. Small blocks and one task in flight per actor give each
-        # actor about one batch at a time, so that the actors share the work evenly to
-        # the end of the run.
-        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
+        # (worker_resources), which the decode/finish tasks need, and compute with as
+        # many threads as they reserve whole CPUs (at least one). Small blocks and one
+        # task in flight per actor give each actor about one batch at a time, so that the
+        # actors share the work evenly to the end of the run.
         pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
         ds.context.target_max_block_size = CPU_BLOCK_BYTES
         # OpenMP threads that sleep rather than spin when another process takes a core
@@ -526,7 +711,8 @@ def build_dataset(
     ds = ds.map_batches(
         Infer, batch_size=opts.batch_size, batch_format="pyarrow", compute=pool, **infer_resources,
         fn_constructor_kwargs={"model": opts.model, "model_id": art.model_id, "device": "cuda" if gpu else "cpu",
-                               "batch_size": opts.batch_size, "threads": threads},
+                               "batch_size": opts.batch_size, "threads": threads,
+                               "max_batch_tokens": opts.max_batch_tokens},
         **({"runtime_env": {"env_vars": infer_env}} if infer_env else {}),
     )
     ds = ds.map_batches(
@@ -534,10 +720,9 @@ def build_dataset(
         fn_kwargs={"post": cfg.post, "model_id": art.model_id, "run_id": run_id, "nice": nice}, **remote,
     )
     return ds.map_batches(
-        ChunkWriter, batch_size=None, batch_format="pyarrow",
+        ErrorRetryWriter if retry else ChunkWriter, batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
-        fn_constructor_kwargs={"out": opts.out, "run_id": run_id, "rows_per_file": per_file, "total": rows,
-                               "nice": nice},
+        fn_constructor_kwargs={"out": opts.out, "run_id": run_id, "nice": nice},
         **remote,
     )
 
@@ -624,58 +809,75 @@ def consume(ds: ray.data.Dataset, pending: list[int], counts: dict[str, int], st
 
 
 def run_label(opts: LabelOptions) -> LabelSummary:
-    """Label every image of the input into OUT (or finish an interrupted run)."""
+    """Label every image of the input into OUT (or finish an interrupted run; with
+    retry_errors, then label the error rows of its part files again)."""
     from sempart_core.artifact import read_artifact_info
 
     t0 = time.perf_counter()
     if opts.batch_size < 1 or (opts.rows_per_file or 1) < 1 or (opts.actors or 1) < 1 or (opts.limit or 0) < 0:
         raise LabelUsageError("--batch-size, --rows-per-file and --actors must be >= 1, --limit >= 0")
+    if opts.max_batch_tokens < 1:
+        raise LabelUsageError(f"--max-batch-tokens must be >= 1, got {opts.max_batch_tokens}")
+    if opts.retry_errors and not opts.resume:
+        raise LabelUsageError("--retry-errors relabels the error rows of the run in OUT: add --resume")
     art = read_artifact_info(opts.model)  # sempart.json only: the driver needs no torch
-    state = find_run(opts.out)
-    if state is not None and not opts.resume:
+    run = find_run(opts.out)
+    if run is not None and not opts.resume:
         raise LabelUsageError(
-            f"{redact(opts.out)} already holds run {state['run_id']}: pass --resume to finish it, or use a new OUT"
+            f"{redact(opts.out)} already holds run {run.run_id}: pass --resume to finish it, or use a new OUT"
         )
-    resumed = state is not None
-    if resumed:
-        _check_resume(state, opts, art.model_id)
-        logger.info("resuming run %s in %s", state["run_id"], redact(opts.out))
+    if run is None and opts.retry_errors:
+        raise LabelUsageError(f"{redact(opts.out)} holds no run to retry: label into it first")
+    resumed = run is not None
+    if run is not None:
+        _check_resume(run, opts, art.model_id)
+        logger.info("resuming run %s in %s", run.run_id, redact(opts.out))
     else:
-        state = _new_run(opts, art.model_id)
-        save_run(opts.out, state)
-        logger.info("run %s: %d images -> %s", state["run_id"], state["rows"], redact(opts.out))
+        run = _new_run(opts, art.model_id)
+        save_run(opts.out, run)
+        logger.info("run %s: %d images -> %s", run.run_id, run.rows, redact(opts.out))
     t_list = time.perf_counter() - t0
-    manifest = uris.join(opts.out, state["manifest"]) if state["manifest"] else opts.input
+    manifest = uris.join(opts.out, run.manifest) if run.manifest else opts.input
     remove_temp_files(opts.out)
-    n_chunks = -(-state["rows"] // state["rows_per_file"])
-    done = done_chunks(opts.out, state["run_id"])
-    counts = counts_of(opts.out, [p for k, p in done.items() if k < n_chunks])
-    pending = [k for k in range(n_chunks) if k not in done]
-    logger.info("%d of %d chunks to label (%d rows per file)", len(pending), n_chunks, state["rows_per_file"])
+    done = {k: p for k, p in done_chunks(opts.out, run.run_id).items() if k < run.chunks}
+    per_file = dict(zip(done, footer_counts(opts.out, list(done.values()))))
+    counts = sum_counts(list(per_file.values()))
+    pending = [k for k in range(run.chunks) if k not in done]
+    # Files finished before this invocation; those it writes now got their first try.
+    retry = {k: c[STATUS_ERROR] for k, c in per_file.items() if c[STATUS_ERROR]} if opts.retry_errors else {}
+    logger.info("%d of %d chunks to label (%d rows per file)", len(pending), run.chunks, run.rows_per_file)
 
     t1 = time.perf_counter()
-    labelled, t2 = 0, t1
-    if pending:
+    labelled, retried, relabelled, t2 = 0, 0, dict.fromkeys(STATUSES, 0), t1
+    if pending or retry:
         init_ray()
         gpu, actors = _resources(opts)
         t2 = time.perf_counter()
-        labelled = consume(build_dataset(pending, manifest, state, art, opts, gpu, actors), pending, counts,
+    if pending:
+        labelled = consume(build_dataset(pending, manifest, run, art, opts, gpu, actors), pending, counts,
                            opts.stall_timeout)
+    if retry:
+        logger.info("labelling again %d error rows in %d part files", sum(retry.values()), len(retry))
+        retried = consume(build_dataset(sorted(retry), manifest, run, art, opts, gpu, actors, retry), sorted(retry),
+                          relabelled, opts.stall_timeout)
+        labelled += retried
+        counts = {s: counts[s] + relabelled[s] for s in STATUSES}
+        counts[STATUS_ERROR] -= retried
+        run.retries.append(RetryRecord(at=_now(), files=len(retry), rows=retried, **relabelled))
     t_label = time.perf_counter() - t2
     total_s = time.perf_counter() - t0
     timings = {"setup_and_listing_s": t_list, "ray_start_s": t2 - t1, "label_s": t_label, "total_s": total_s}
     summary = LabelSummary(
-        run_id=state["run_id"], counts=counts, total=sum(counts.values()), labelled_now=labelled,
+        run_id=run.run_id, counts=counts, total=sum(counts.values()), labelled_now=labelled,
         seconds=total_s, images_per_s=labelled / t_label if labelled else 0.0,
         table=uris.join(redact(opts.out), "part-*.parquet"), resumed=resumed,
         timings={k: round(v, 3) for k, v in timings.items()},
+        retried=retried, still_errors=relabelled[STATUS_ERROR],
     )
-    state.update(
-        status="finished", counts=counts, invocations=state["invocations"] + 1,
-        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    if labelled or "timings" not in state:  # throughput of the last invocation that labelled
-        state.update(timings=summary.timings, labelled_last=labelled, images_per_s=round(summary.images_per_s, 3),
-                     last_config=opts.public())
-    save_run(opts.out, state)
+    run.status, run.counts, run.finished_at = "finished", counts, _now()
+    run.invocations += 1
+    if labelled or run.timings is None:  # throughput of the last invocation that labelled
+        run.timings, run.labelled_last = summary.timings, labelled
+        run.images_per_s, run.last_config = round(summary.images_per_s, 3), opts.public()
+    save_run(opts.out, run)
     return summary

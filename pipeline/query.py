@@ -1,6 +1,6 @@
 """SQL over the output table of `sempart label`, with DuckDB scanning a pyarrow dataset.
 
-The table is the files `OUT/part-*.parquet` (DESIGN.md, "Output table"); everything
+The table is the files `OUT/part-*.parquet` (docs/design.md, "Output table"); everything
 else under OUT (`_runs/`, `_tmp/`, `_manifests/`, hidden or `_`-prefixed names) is
 bookkeeping or partial output and is never read as data.
 

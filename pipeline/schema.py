@@ -1,4 +1,4 @@
-"""The output table of `sempart label` (DESIGN.md, "Output table", schema version 1).
+"""The output table of `sempart label` (docs/design.md, "Output table", schema version 1).
 
 One row per input image, errors included. The Arrow schema below is the contract that
 users' queries and exports depend on; change it only with a new SCHEMA_VERSION.

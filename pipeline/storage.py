@@ -1,31 +1,34 @@
-"""URI -> file system, for pyarrow (Ray Data, Ray Train) and fsspec (small objects).
+"""URI -> file system, for pyarrow (Ray Data, Ray Train) and boto3 (listing).
 
-S3 settings come from the standard variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION) or from `--s3-endpoint` /
-`--s3-anon`, which `configure_s3` writes into the environment so that Ray workers
-started later inherit them. pyarrow ignores AWS_ENDPOINT_URL, so its S3FileSystem is
-built here explicitly and passed to every Ray read/write and to Ray Train.
+Every S3 client is built from one `S3Settings` (sempart_core/s3settings.py: endpoint,
+region, credentials, anonymous access, retries, timeouts), read from the environment.
+`--s3-endpoint` / `--s3-anon` are written into the environment by `configure_s3`, so
+that Ray workers started later, and `s3_env()` forwarded to them, build the same
+clients. pyarrow ignores AWS_ENDPOINT_URL, so its S3FileSystem is built here
+explicitly and passed to every Ray read/write and to Ray Train.
+
+A run resolves each of its roots once (`Root.of(uri)`) and joins paths onto it, instead
+of resolving a URI in every helper; clients are cached per process and settings, so
+each process opens one S3 client (and its connection pool) per configuration.
 """
 from __future__ import annotations
 
+import functools
 import os
+import posixpath
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from sempart_core import uri as uris
+from sempart_core.s3settings import ENV_VARS as S3_ENV_VARS
+from sempart_core.s3settings import S3Settings, retries  # noqa: F401  (retries: re-export)
+from sempart_core.uri import atomic_local_file  # noqa: F401  (re-export)
 from sempart_core.uri import filesystem as fsspec_filesystem  # noqa: F401  (re-export)
-from sempart_core.uri import redact  # noqa: F401  (re-export)
+from sempart_core.uri import redact
 
 S3_SCHEMES = ("s3", "s3a")
-S3_ENV_VARS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "SEMPART_S3_ANON",
-)
 
 
 def is_s3(uri: str) -> bool:
@@ -45,25 +48,44 @@ def s3_env() -> dict[str, str]:
     return {k: os.environ[k] for k in S3_ENV_VARS if k in os.environ}
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem that keeps its settings when pickled.
+
+    pyarrow pickles an S3FileSystem without its retry strategy, so a copy sent to a Ray
+    worker (Ray Train's storage_filesystem, a read task's file system) would fall back
+    to 3 attempts; this one is rebuilt from its S3Settings on the other side.
+    """
+
+    def __init__(self, settings: S3Settings):
+        super().__init__(
+            **settings.pyarrow_kwargs(),
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
+        )
+        self.settings = settings
+
+    def __reduce__(self):
+        return RetryingS3FileSystem, (self.settings,)
+
+
+@functools.lru_cache(maxsize=8)
+def _pyarrow_s3_for(settings: S3Settings) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(settings)
+
+
 def pyarrow_s3() -> pafs.S3FileSystem:
-    """pyarrow's S3 file system configured from the environment."""
-    kwargs: dict = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs["endpoint_override"] = parsed.netloc or parsed.path
-        kwargs["scheme"] = parsed.scheme or "https"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        kwargs["region"] = region
-    if os.environ.get("SEMPART_S3_ANON") == "1":
-        kwargs["anonymous"] = True
-    elif os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    return pafs.S3FileSystem(**kwargs)
+    """pyarrow's S3 file system for the current settings (one per process and settings)."""
+    return _pyarrow_s3_for(S3Settings.from_env())
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client_for(settings: S3Settings):
+    return settings.boto3_client()
+
+
+def s3_client():
+    """boto3 S3 client for the current settings (one per process and settings; boto3
+    clients are thread-safe)."""
+    return _s3_client_for(S3Settings.from_env())
 
 
 def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -76,3 +98,32 @@ def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         path = parsed.path if parsed.scheme == "file" else uri
         return pafs.LocalFileSystem(), os.path.abspath(path)
     raise ValueError(f"unsupported URI scheme {parsed.scheme!r} in {redact(uri)}: use a path, file:// or s3://")
+
+
+@dataclass(frozen=True)
+class Root:
+    """A URI resolved once: its pyarrow file system, the path inside it, and the URI.
+
+    `Root.of(out)` at the start of a run, then `root.join("_runs", name)` wherever a
+    path under it is needed; picklable, so a Ray task can take it as an argument.
+    """
+
+    fs: pafs.FileSystem
+    path: str  # inside fs: "bucket/key" on S3, an absolute path locally
+    uri: str  # as given (may carry a scheme); redact() before logging
+
+    @classmethod
+    def of(cls, uri: str) -> Root:
+        fs, path = pyarrow_filesystem(uri)
+        return cls(fs, path, str(uri))
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def join(self, *parts: str) -> Root:
+        tail = [p.strip("/") for p in parts if p.strip("/")]
+        return Root(self.fs, posixpath.join(self.path, *tail), uris.join(self.uri, *tail))
+
+    def __str__(self) -> str:
+        return redact(self.uri)

@@ -145,7 +145,7 @@ def _uris_to_paths(uris: list[str]) -> tuple[pafs.FileSystem, list[str]]:
     return fs, [pyarrow_filesystem(u)[1] for u in uris]
 
 
-def list_images(src: str) -> tuple[pafs.FileSystem, list[str]]:
+def training_image_paths(src: str) -> tuple[pafs.FileSystem, list[str]]:
     """(file system, paths) of the training images named by SRC: a folder or prefix, a
     manifest Parquet or a text file of URIs, read as `sempart label` reads its input."""
     uris = [row["uri"] for row in manifests.input_rows(src)]
@@ -168,7 +168,7 @@ class SkippedImages:
         return len(self.paths)
 
 
-def decode_batch(
+def decode_training_batch(
     batch: dict[str, np.ndarray], *, data: dict[str, Any], patch: int, skipped: Any
 ) -> dict[str, np.ndarray]:
     """bytes -> augmented uint8 crops [n, S, S, 3]; undecodable images are dropped and counted."""
@@ -205,7 +205,7 @@ def image_dataset(
         shuffle=ray.data.FileShuffleConfig(seed=cfg.train.seed),
     )
     return ds.map_batches(
-        decode_batch,
+        decode_training_batch,
         batch_size=32,
         batch_format="numpy",
         fn_kwargs={"data": dataclasses.asdict(cfg.data), "patch": patch, "skipped": skipped},
@@ -509,7 +509,7 @@ def run_training(job: TrainJob) -> TrainSummary:
     for name in POSITIVE_TRAIN_FIELDS:
         if getattr(cfg.train, name) < 1:
             raise ValueError(f"train.{name} must be at least 1, got {getattr(cfg.train, name)}")
-    fs, paths = list_images(job.data)
+    fs, paths = training_image_paths(job.data)
     if len(paths) < cfg.train.batch_size:
         raise ValueError(f"{len(paths)} images in {redact(job.data)}: fewer than --batch-size {cfg.train.batch_size}")
     init_ray()

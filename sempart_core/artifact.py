@@ -1,5 +1,5 @@
 """The model artifact: a folder (local or object store) with `model.safetensors` and
-`sempart.json` (DESIGN.md, "Model artifact"). No pickle anywhere.
+`sempart.json` (docs/design.md, "Model artifact"). No pickle anywhere.
 
 `read_artifact_info` reads `sempart.json` alone (no torch): what a labelling driver
 needs to plan a run; `read_artifact` also loads and checks the weights."""

@@ -1,6 +1,6 @@
 """Frozen ViT backbone: per-patch features of a timm ViT, and loading its weights.
 
-SEMPART builds its graphs from the *keys* of the last attention block (SEMPART.md §1).
+SEMPART builds its graphs from the *keys* of the last attention block (docs/method.md).
 They are captured by a forward hook on `blocks[-1].attn.qkv`, which then stops the
 forward pass: the last block's attention, its MLP and the final norm are never computed.
 """

@@ -1,4 +1,4 @@
-"""Configuration dataclasses for SEMPART (see SEMPART.md for what each value means).
+"""Configuration dataclasses for SEMPART (docs/method.md says what each value means).
 
 Every *tunable* value of the method lives here so that an artifact's `sempart.json`
 records exactly how its model was built and trained.

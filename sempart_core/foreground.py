@@ -1,4 +1,4 @@
-"""The border rule: which side of the symmetric cut is the foreground (SEMPART.md 6).
+"""The border rule: which side of the symmetric cut is the foreground (docs/method.md).
 
 Runs on the model's output tensors, in training, evaluation and labelling alike.
 """
@@ -31,17 +31,26 @@ def _flip_where(y: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     return torch.where(flip, 1 - y, y)
 
 
-def apply_foreground_rule(
+def foreground_rule(
     y_coarse: torch.Tensor, y_fine: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flip coarse ``[B, h, w]`` and fine ``[B, H, W]`` maps together, per image.
 
     The decision comes from the coarse map only, so both branches always agree on which
-    side is the foreground, in training, evaluation and labelling alike.
+    side is the foreground, in training, evaluation and labelling alike. Returns the
+    maps and the bool ``[B]`` flips (evaluation undoes them to score the rule off).
     """
     if y_fine.shape[0] != y_coarse.shape[0]:
         raise ValueError(
             f"batch sizes differ: coarse {y_coarse.shape[0]} vs fine {y_fine.shape[0]}"
         )
     flip = border_flip(y_coarse)
-    return _flip_where(y_coarse, flip), _flip_where(y_fine, flip)
+    return _flip_where(y_coarse, flip), _flip_where(y_fine, flip), flip
+
+
+def apply_foreground_rule(
+    y_coarse: torch.Tensor, y_fine: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`foreground_rule` without the flips."""
+    coarse, fine, _ = foreground_rule(y_coarse, y_fine)
+    return coarse, fine

@@ -1,4 +1,4 @@
-"""The four SEMPART losses (SEMPART.md sections 3-5) and their weighted sum."""
+"""The four SEMPART losses (docs/method.md, "Losses") and their weighted sum."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,7 +1,7 @@
 """Evaluation metrics: salient-object masks (Acc, IoU, MAE, two max-F conventions) and
 single-object localisation (CorLoc). Pure numpy (PIL only for resizing).
 
-Conventions (SEMPART.md section 8), chosen so that numbers compare with the papers:
+Conventions (docs/method.md, "Evaluation conventions"), chosen so that numbers compare with the papers:
 - Everything is computed at the ground truth's resolution; resize predictions first
   with `postprocess.resize_prob`.
 - Acc, IoU and MAE are computed per image and then averaged over images (as TokenCut

@@ -1,4 +1,4 @@
-"""The SEMPART network (SEMPART.md sections 3-4): a coarse patch-level head and a
+"""The SEMPART network (docs/method.md, "Coarse branch", "Fine branch"): a coarse patch-level head and a
 guided super-resolution head on top of a frozen backbone's patch features."""
 from __future__ import annotations
 

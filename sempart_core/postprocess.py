@@ -1,6 +1,6 @@
 """From a foreground probability map to what a pseudo-label row holds.
 
-Steps (SEMPART.md sections 6 and 7): resize the model's map to the original image,
+Steps (docs/method.md, "From map to label"): resize the model's map to the original image,
 threshold it, find connected components and their boxes, score the partition, and
 encode the mask as COCO RLE. (The border rule, which picks the foreground side of the
 cut, runs on the model's output tensors: `foreground`.) No torch here, so that the CPU
@@ -36,7 +36,9 @@ class Prediction:
     ``box`` is the largest component's box (present whenever there is foreground, even
     if that component is below the minimum area); ``boxes`` holds every component whose
     area reaches the minimum, largest first. ``ncut`` is carried as computed by the
-    graph code for the final partition.
+    graph code for the final partition. ``coarse`` is the patch-level map [h, w] after
+    the foreground rule (None when not kept); ``border_flipped`` says whether the border
+    rule flipped the model's output, so that evaluation can score the rule off too.
     """
 
     prob: np.ndarray  # H x W float32 in [0, 1], foreground probability
@@ -45,6 +47,8 @@ class Prediction:
     boxes: list[list[float]] = field(default_factory=list)
     score: float = 0.0
     ncut: float = float("nan")
+    coarse: np.ndarray | None = None
+    border_flipped: bool = False
 
     @property
     def status(self) -> str:
@@ -63,10 +67,13 @@ class Prediction:
 
 @dataclass
 class RawPrediction:
-    """What the model gives for one image: foreground map at the input size, and ncut."""
+    """What the model gives for one image: foreground map at the input size, and ncut
+    (plus the coarse map and whether the border rule flipped, as in `Prediction`)."""
 
     prob: np.ndarray  # float32 [h_in, w_in]
     ncut: float
+    coarse: np.ndarray | None = None  # float32 [h, w], the patch grid
+    border_flipped: bool = False
 
 
 def resize_prob(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -87,7 +94,9 @@ def resize_prob(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def finish_raw(raw: RawPrediction, height: int, width: int, post: PostConfig) -> Prediction:
     """A model map -> the image's Prediction at its original size (no model needed:
     CPU workers of the labelling pipeline run this after inference)."""
-    return postprocess(resize_prob(raw.prob, (height, width)), raw.ncut, post)
+    pred = postprocess(resize_prob(raw.prob, (height, width)), raw.ncut, post)
+    pred.coarse, pred.border_flipped = raw.coarse, raw.border_flipped
+    return pred
 
 
 def connected_boxes(

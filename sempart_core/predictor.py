@@ -4,30 +4,36 @@ Prediction is split in three steps so that the labelling pipeline can run each w
 it belongs: `prepare` (CPU: resize to the backbone's input), `infer` (GPU: backbone,
 heads, foreground rule, ncut, on a batch of equal-sized inputs) and `finish` (CPU:
 resize to the original size, threshold, boxes, score). `predict` chains them.
+
+Methods on the same backbone: ``sempart`` (trained heads), ``tokencut`` (TokenCut as
+published: its own seed rule picks the foreground, no border rule) and ``tokencut-bs``
+(TokenCut's mask refined with the bilateral solver on the original image in `finish`,
+the post-inference refinement SEMPART's fine branch replaces).
 """
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from .artifact import LoadedArtifact, read_artifact
 from .backbone import Backbone, build_backbone, create_vit
+from .batching import DEFAULT_MAX_BATCH_TOKENS, ImageOutOfMemory, infer_splitting, plan_batches
 from .config import SempartConfig
-from .foreground import apply_foreground_rule
-from .graph import affinity
+from .bilateral import BilateralConfig, refine_mask
+from .foreground import foreground_rule
+from .graph import partition_ncut
 from .images import prepare_image
-from .losses import expected_ncut
 from .model import SempartHeads
-from .postprocess import Prediction, RawPrediction, finish_raw
+from .postprocess import Prediction, RawPrediction, finish_raw, resize_prob
 from .tokencut import tokencut_partition, upsample_patch_mask
 from .training import to_model_input
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("sempart", "tokencut")
+METHODS = ("sempart", "tokencut", "tokencut-bs")
 
 
 class Predictor:
@@ -43,6 +49,7 @@ class Predictor:
         model_id: str = "",
         meta: dict | None = None,
         batch_size: int = 8,
+        bilateral: BilateralConfig = BilateralConfig(),
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
@@ -56,7 +63,9 @@ class Predictor:
         self.model_id = model_id
         self.meta = meta or {}
         self.batch_size = batch_size
-        # bf16 on GPU: the backbone dominates the cost; graph and losses stay float32.
+        self.bilateral = bilateral
+        self.max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS  # see sempart_core/batching.py
+        # bf16 on GPU: the backbone dominates the cost; the graph stays float32 (graph.py).
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
 
     @property
@@ -72,42 +81,56 @@ class Predictor:
         """Equal-sized prepared images [B, h_in, w_in, 3] -> foreground maps and ncut."""
         x = to_model_input(batch, self.backbone.mean, self.backbone.std, self.device)
         grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
+        graph = self.config.graph
         enabled = self.autocast_dtype is not None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
             feats = self.backbone(x)
-            if self.method == "tokencut":
-                coarse, ncut = tokencut_partition(feats, grid, self.config.graph.tau, self.config.graph.eps)
-                fine = upsample_patch_mask(coarse, tuple(x.shape[-2:]))
-            else:
+            if self.method == "sempart":
                 out = self.heads(feats, x)
-                coarse, fine = apply_foreground_rule(out.coarse, out.fine)
-                w = affinity(feats, self.config.graph.tau, self.config.graph.eps)
+                coarse, fine, flipped = foreground_rule(out.coarse, out.fine)
                 hard = (coarse > 0.5).float().flatten(1)
-                ncut = expected_ncut(hard, w, clamp_eps=1e-6)
+                ncut = partition_ncut(feats, hard, graph.tau, graph.eps, clamp_eps=1e-6)
+            else:
+                coarse, ncut = tokencut_partition(feats, grid, graph.tau, graph.eps, border_rule=False)
+                fine = upsample_patch_mask(coarse, tuple(x.shape[-2:]))
+                flipped = torch.zeros(len(coarse), dtype=torch.bool)
         fine = fine.float().cpu().numpy()
+        coarse = coarse.float().cpu().numpy()
         ncut = ncut.float().cpu().numpy()
-        return [RawPrediction(prob=p, ncut=float(n)) for p, n in zip(fine, ncut)]
+        return [
+            RawPrediction(prob=p, ncut=float(n), coarse=c, border_flipped=bool(f))
+            for p, n, c, f in zip(fine, ncut, coarse, flipped.tolist())
+        ]
 
-    def finish(self, raw: RawPrediction, height: int, width: int) -> Prediction:
-        """Resize the map to the original image size and post-process it."""
+    def finish(self, raw: RawPrediction, height: int, width: int, rgb: np.ndarray | None = None) -> Prediction:
+        """Resize the map to the original image size and post-process it.
+
+        ``tokencut-bs`` needs the original image ``rgb`` [height, width, 3]: the
+        bilateral solver snaps TokenCut's mask to its colour edges.
+        """
+        if self.method == "tokencut-bs":
+            if rgb is None or rgb.shape[:2] != (height, width):
+                raise ValueError("method 'tokencut-bs' refines each mask on its image: pass rgb at (height, width)")
+            mask = resize_prob(raw.prob, (height, width)) > self.config.post.threshold
+            raw = replace(raw, prob=refine_mask(rgb, mask, self.bilateral))
         return finish_raw(raw, height, width, self.config.post)
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Predictions for RGB uint8 images of any sizes, each at its own size.
 
-        Images are grouped by input size and run in batches of `batch_size`.
+        Images are grouped by input size into batches of at most `batch_size` images and
+        `max_batch_tokens` tokens; a batch out of memory is split (`infer_splitting`), and
+        an image out of memory alone raises `ImageOutOfMemory`.
         """
         prepared = [self.prepare(im) for im in images]
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, p in enumerate(prepared):
-            groups[p.shape[:2]].append(i)
         results: list[Prediction | None] = [None] * len(images)
-        for idx in groups.values():
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start : start + self.batch_size]
-                raws = self.infer(np.stack([prepared[i] for i in chunk]))
-                for i, raw in zip(chunk, raws):
-                    results[i] = self.finish(raw, *images[i].shape[:2])
+        shapes = [p.shape[:2] for p in prepared]
+        for idx in plan_batches(shapes, self.patch, self.batch_size, self.max_batch_tokens):
+            batch, sizes = np.stack([prepared[i] for i in idx]), [images[i].shape[1::-1] for i in idx]
+            for i, raw in zip(idx, infer_splitting(self.infer, batch, self.patch, sizes)):
+                if isinstance(raw, ImageOutOfMemory):
+                    raise raw
+                results[i] = self.finish(raw, *images[i].shape[:2], rgb=images[i])
         return results  # type: ignore[return-value]
 
 

@@ -10,12 +10,12 @@ Steps of ``tokencut_partition``, per image:
 2. Split at the mean of ``x`` (TokenCut splits at the mean, not at zero).
 3. Foreground side = the side holding the seed, the token with the largest ``|x|``
    (TokenCut's rule).
-4. Project rule (SEMPART.md section 6), so that the baseline picks its foreground the
-   same way as SEMPART: if that side holds the majority of the image-border patches
-   (``foreground.border_flip``) and the other side is not empty, take the other side
-   instead and re-seed on it (largest ``|x|`` within it). When both rules agree, which
-   is the usual case, this is TokenCut unchanged; ``border_rule=False`` gives TokenCut
-   exactly.
+4. Optional (``border_rule=True``): SEMPART's border rule on top, so that the baseline
+   picks its foreground the same way as SEMPART: if that side holds the majority of the
+   image-border patches (``foreground.border_flip``) and the other side is not empty,
+   take the other side instead and re-seed on it (largest ``|x|`` within it).
+   ``border_rule=False`` is TokenCut as published, which the Predictor's ``tokencut``
+   and ``tokencut-bs`` methods run so that their figures compare with TokenCut's paper.
 5. Keep only the connected component of the foreground that contains the seed
    (TokenCut's ``detect_box``: ``scipy.ndimage.label`` with its default 4-connectivity).
 6. Report the hard normalised cut of that final partition.

@@ -1,10 +1,10 @@
 """Read and write small objects (weights, artifacts) by URI: local paths, file:// and s3://.
 
 `sempart_core` must work without Ray or pyarrow, so this is a thin layer over fsspec.
-S3 settings come from the standard environment variables. botocore honours
-`AWS_ENDPOINT_URL` but only `AWS_DEFAULT_REGION` (not `AWS_REGION`), and fsspec caches
-file-system instances by their arguments; so both values are passed explicitly, which
-also gives a fresh client when a test points the variables at another endpoint.
+S3 settings (endpoint, region, credentials, anonymous access, retries, timeouts) come
+from `sempart_core.s3settings`, as for every other S3 client; they are passed to s3fs
+explicitly, and fsspec caches file systems by their arguments, so pointing the
+variables at another endpoint gives a fresh client.
 """
 from __future__ import annotations
 
@@ -12,10 +12,15 @@ import logging
 import os
 import re
 import tempfile
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from sempart_core import s3settings
+from sempart_core.s3settings import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +33,19 @@ def redact(uri: str) -> str:
 
 
 def _storage_options(protocol: str) -> dict[str, Any]:
-    """S3 endpoint and region from the environment; nothing for other protocols."""
+    """The S3 settings for s3fs; nothing for other protocols."""
     if protocol not in ("s3", "s3a"):
         return {}
-    client_kwargs: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        client_kwargs["endpoint_url"] = endpoint
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        client_kwargs["region_name"] = region
-    return {"client_kwargs": client_kwargs} if client_kwargs else {}
+    return S3Settings.from_env().fsspec_options()
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec file system that serves `uri`, and the path inside it."""
     protocol = fsspec.utils.get_protocol(uri)
-    return fsspec.core.url_to_fs(uri, **_storage_options(protocol))
+    fs, path = fsspec.core.url_to_fs(uri, **_storage_options(protocol))
+    if protocol in ("s3", "s3a") and fs.session is None:  # not connected yet
+        fs.session = s3settings.aiobotocore_session()  # so that s3settings.retries() counts its retries
+    return fs, path
 
 
 def join(uri: str, *parts: str) -> str:
@@ -77,20 +78,31 @@ def write_bytes(uri: str, data: bytes) -> None:
     """
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem):
-        _write_local_atomic(path, data)
+        with atomic_local_file(path) as f:
+            f.write(data)
     else:
         fs.pipe_file(path, data)
     log.debug("wrote %d bytes to %s", len(data), redact(uri))
 
 
-def _write_local_atomic(path: str, data: bytes) -> None:
+@contextmanager
+def atomic_local_file(path: str, tmp_dir: str | None = None) -> Iterator[IO[bytes]]:
+    """A binary file that appears at `path` whole or not at all.
+
+    Written under a temporary name (in `tmp_dir`, default `path`'s folder, which must
+    be on the same file system), flushed to disk and renamed over `path` when the
+    block ends; removed if the block raises. The temporary name starts with '.', so
+    readers that skip hidden names never see it.
+    """
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    if tmp_dir:
+        os.makedirs(tmp_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; the result should read like any file
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

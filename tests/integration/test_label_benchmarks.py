@@ -24,8 +24,10 @@ def run_bench(script: str, *args: str) -> dict:
 def test_label_throughput_compares_both_sides() -> None:
     figures = run_bench("label_throughput.py", "--quick", "--n", "6", "--repeats", "1", "--images", str(IMAGES),
                         "--image-size", "32")
-    assert figures["ours_ips"] > 0 and figures["baseline_ips"] > 0
-    assert figures["ratio"] == pytest.approx(figures["ours_ips"] / figures["baseline_ips"], rel=0.01)
+    ours, base, half = figures["ours_ips"], figures["baseline_ips"], 5e-4  # the JSON rounds to 3 decimals
+    assert ours > 0 and base > 0
+    # On a loaded machine the rates are small and their rounding, not the ratio, sets the tolerance.
+    assert (ours - half) / (base + half) - half <= figures["ratio"] <= (ours + half) / (base - half) + half
 
 
 def test_label_scale_records_memory_for_both_sizes(tmp_path: Path) -> None:

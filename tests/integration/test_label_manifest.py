@@ -100,3 +100,21 @@ def test_s3_listing_pages_and_cli(s3_bucket: str, tmp_path: Path) -> None:
     assert table.column("uri").to_pylist() == [r["uri"] for r in rows]
     missing = CliRunner().invoke(app, ["manifest", str(tmp_path / "nope"), "--out", str(tmp_path / "m.parquet")])
     assert missing.exit_code == 2 and "no such folder" in missing.output
+
+
+def test_s3_listing_fans_out_in_key_order(s3_bucket: str) -> None:
+    """Folders listed in parallel (by folder down to `depth`, then whole) give the rows
+    of one sequential listing, in the same order, whatever the depth and page size."""
+    import boto3
+
+    client = boto3.client("s3")
+    bucket = s3_bucket.removeprefix("s3://")
+    keys = ["in/a.png", "in/b/x.png", "in/b/y/z.png", "in/b0.png", "in/b-.png", "in/c/d/e/f.png", "in/c/g.txt",
+            "in/c/h.png", "in/d.png", "in/e/1.png", "in/e/2.png", "in/e/3.png", "in/f/only.txt", "in0/no.png"]
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    sequential = [f"{s3_bucket}/{k}" for k in sorted(keys) if k.startswith("in/") and k.endswith(".png")]
+    for depth in (0, 1, 2, 5):
+        for threads in (1, 3):
+            rows = list(m.list_s3(f"{s3_bucket}/in", page_size=2, threads=threads, depth=depth))
+            assert [r["uri"] for r in rows] == sequential, (depth, threads)

@@ -5,6 +5,7 @@ every input is in the readable table exactly once. Locally and with input and ou
 on S3 (moto server)."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import signal
@@ -152,3 +153,60 @@ def test_sigkill_then_resume_labels_each_input_once(store, model: str, tmp_path:
     uris = sorted(u for t in tables for u in t.column("uri").to_pylist())
     assert uris == expected  # every input exactly once
     assert len({r for t in tables for r in t.column("run_id").to_pylist()}) == 1  # run kept across resume
+
+
+def tar_shard(samples: list[tuple[str, bytes]]) -> bytes:
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, data in samples:
+            for name, body in ((f"{key}.jpg", data), (f"{key}.txt", key.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    return buf.getvalue()
+
+
+def parquet_file(rows: list[tuple[str, bytes]]) -> bytes:
+    import pyarrow as pa
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"key": [k for k, _ in rows], "jpg": [d for _, d in rows]}), buf, row_group_size=3)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["shards", "parquet"])
+def test_sigkill_then_resume_shards_and_parquet_on_s3(kind: str, s3_bucket: str, model: str, tmp_path: Path,
+                                                      ray_session) -> None:
+    """The same on S3 for WebDataset shards (one file per shard) and Parquet files of image
+    bytes (read by row groups; ROWS_PER_FILE rows per file); the resume runs through
+    jobs/label_job.py."""
+    ray_session.data.DataContext.get_current().enable_progress_bars = False
+    store = S3Store(s3_bucket)
+    samples = [(f"{i:05d}", jpeg(i)) for i in range(N_IMAGES // 2)]
+    per_file = 4 if kind == "shards" else 8
+    groups = [samples[i : i + per_file] for i in range(0, len(samples), per_file)]
+    for g, group in enumerate(groups):
+        body = tar_shard(group) if kind == "shards" else parquet_file(group)
+        store.put(f"in/{g:05d}.{'tar' if kind == 'shards' else 'parquet'}", body)
+    args = ["label", "--model", model, "--input", store.uri("in"), "--out", store.uri("out"), "--batch-size", "2",
+            "--no-gpu"]
+    if kind == "parquet":
+        args += ["--id-column", "key", "--rows-per-file", str(ROWS_PER_FILE)]
+    n_chunks = len(groups) if kind == "shards" else len(samples) // ROWS_PER_FILE
+    log = tmp_path / "label.log"
+
+    at_kill = kill_at_first_part(label_process(args, log), store, log)
+    assert 1 <= len(at_kill) < n_chunks, "the kill should land before the run finishes"
+    interrupted = store.parts("out")
+    spec = importlib.util.spec_from_file_location("label_job", REPO / "jobs" / "label_job.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with pytest.raises(SystemExit) as exit_info:
+        job.main(args[1:] + ["--resume"])
+    assert exit_info.value.code == 0
+    parts = store.parts("out")
+    assert len(parts) == n_chunks and set(interrupted) <= set(parts)
+    ids = sorted(i for p in parts for i in store.read(p).column("image_id").to_pylist())
+    assert ids == [key for key, _ in samples]  # every sample exactly once, id = its key

@@ -39,9 +39,9 @@ def test_each_chunk_flows_as_its_own_block(model: str, tmp_path: Path, ray_sessi
     opts = labels.LabelOptions(model=model, input=str(tmp_path / "images"), out=str(tmp_path / "out"),
                                rows_per_file=ROWS)
     art = read_artifact_info(model)
-    state = labels._new_run(opts, art.model_id)
-    manifest = f"{opts.out}/{state['manifest']}"
-    ds = labels.build_dataset(list(range(CHUNKS)), manifest, state, art, opts, gpu=False, actors=1)
+    run = labels._new_run(opts, art.model_id)
+    manifest = f"{opts.out}/{run.manifest}"
+    ds = labels.build_dataset(list(range(CHUNKS)), manifest, run, art, opts, gpu=False, actors=1)
 
     blocks = [b.to_pylist() for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
 

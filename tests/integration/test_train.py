@@ -231,7 +231,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert [random.random() for _ in range(3)] == draws[2]
 
 
-def test_list_images_from_folder_text_and_manifest(tmp_path: Path) -> None:
+def test_training_image_paths_from_folder_text_and_manifest(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -239,26 +239,26 @@ def test_list_images_from_folder_text_and_manifest(tmp_path: Path) -> None:
     (folder / "nested").mkdir(parents=True)
     for name in ("b.jpg", "a.PNG", "nested/c.webp", "notes.txt"):
         (folder / name).write_bytes(b"x")
-    fs, paths = train.list_images(str(folder))
+    fs, paths = train.training_image_paths(str(folder))
     assert paths == [str(folder / n) for n in ("a.PNG", "b.jpg", "nested/c.webp")]
 
     listing = tmp_path / "uris.txt"
     listing.write_text(f"{folder / 'b.jpg'}\n\nfile://{folder / 'a.PNG'}\n")
-    assert train.list_images(str(listing))[1] == [str(folder / "b.jpg"), str(folder / "a.PNG")]
+    assert train.training_image_paths(str(listing))[1] == [str(folder / "b.jpg"), str(folder / "a.PNG")]
 
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(pa.table({"uri": ["s3://bucket/k/1.jpg", "s3://bucket/k/2.jpg"], "size": [1, 2]}), manifest)
-    fs, paths = train.list_images(str(manifest))
+    fs, paths = train.training_image_paths(str(manifest))
     assert (fs.type_name, paths) == ("s3", ["bucket/k/1.jpg", "bucket/k/2.jpg"])
 
     listing.write_text("s3://bucket/x.jpg\n/local/y.jpg\n")
     with pytest.raises(ValueError, match="mixes"):
-        train.list_images(str(listing))
+        train.training_image_paths(str(listing))
     with pytest.raises(FileNotFoundError):
-        train.list_images(str(tmp_path / "missing"))
+        train.training_image_paths(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
-        train.list_images(str(tmp_path / "empty"))
+        train.training_image_paths(str(tmp_path / "empty"))
 
 
 def test_worker_plan_round_trip_and_other_versions() -> None:

@@ -73,7 +73,7 @@ def test_eval_pred_dir_writes_report_and_plot(tmp_path):
     assert Image.open(plot).format == "PNG"
 
 
-@pytest.mark.parametrize("method", ["sempart", "tokencut"])
+@pytest.mark.parametrize("method", ["sempart", "tokencut", "tokencut-bs"])
 def test_eval_with_model_on_images(tiny_model, tmp_path, method):
     report_path = tmp_path / "r.json"
     result = runner.invoke(
@@ -87,9 +87,117 @@ def test_eval_with_model_on_images(tiny_model, tmp_path, method):
     report = json.loads(report_path.read_text())
     assert report["n_images"] == 12 and report["method"] == method and report["random_backbone"] is True
     assert 0 <= report["maxF_dataset"] <= 1
+    assert report["border_rule_on"]["fine"]["IoU"] == report["IoU"]
+    # TokenCut as published has no border rule to switch off.
+    assert ("border_rule_off" in report) == (method == "sempart")
 
 
 def test_eval_usage_error_is_one_line(tmp_path):
     result = runner.invoke(app, ["eval", "--gt", str(tmp_path)])
     assert result.exit_code == 2
     assert "give either --pred DIR" in result.output
+    result = runner.invoke(app, ["eval", "--model", "m", "--images", str(tmp_path)])
+    assert result.exit_code == 2 and "give --gt MASKS" in result.output
+
+
+# ---- brute-force check of the model report: coarse and fine, both rules, CorLoc ----
+
+
+def brute_sod(maps: list[np.ndarray], gts: list[np.ndarray]) -> dict:
+    """The metrics by their definitions: per image, at every threshold k/255, one by one."""
+    acc, iou, mae, f_image, f_curves = [], [], [], [], []
+    for prob, gt in zip(maps, gts):
+        binary = prob > 0.5
+        acc.append(np.mean(binary == gt))
+        union = np.sum(binary | gt)
+        iou.append(np.sum(binary & gt) / union if union else 1.0)
+        mae.append(np.mean(np.abs(prob.astype(np.float64) - gt)))
+        f03, f009 = [], []
+        for k in range(255):
+            positive = prob > np.float32(k) / np.float32(255)
+            tp = np.sum(positive & gt)
+            p = tp / positive.sum() if positive.sum() else 0.0
+            r = tp / gt.sum() if gt.sum() else 0.0
+            f03.append((1.3 * p * r) / (0.3 * p + r) if p * r > 0 else 0.0)
+            f009.append((1.09 * p * r) / (0.09 * p + r) if p * r > 0 else 0.0)
+        f_curves.append(f03)
+        f_image.append(max(f009))
+    return {"Acc": np.mean(acc), "IoU": np.mean(iou), "MAE": np.mean(mae),
+            "maxF_dataset": np.mean(f_curves, axis=0).max(), "maxF_image": np.mean(f_image)}
+
+
+def box_raster(box, shape) -> np.ndarray:
+    out = np.zeros(shape, dtype=bool)
+    x1, y1, x2, y2 = (int(v) for v in box)
+    out[y1:y2, x1:x2] = True
+    return out
+
+
+def brute_corloc(pred_boxes, gt_boxes, shapes) -> float:
+    """IoU >= 0.5 with any GT box, the IoU counted in pixels of rasterised boxes."""
+    hits = 0
+    for pred, gts, shape in zip(pred_boxes, gt_boxes, shapes):
+        if pred is None:
+            continue
+        p = box_raster(pred, shape)
+        hits += any(np.sum(p & box_raster(g, shape)) / np.sum(p | box_raster(g, shape)) >= 0.5 for g in gts)
+    return hits / len(gt_boxes)
+
+
+def gt_boxes_for(preds, shapes) -> list[list[list[float]]]:
+    """Per image a far-off box, plus for every other image one near its predicted box, so
+    that CorLoc is neither 0 nor 1 and a wrong convention would change it."""
+    out = []
+    for i, (pred, (h, w)) in enumerate(zip(preds, shapes)):
+        boxes = [[0.0, 0.0, 4.0, 4.0]]
+        if pred.box is not None and i % 2 == 0:
+            x1, y1, x2, y2 = pred.box
+            boxes.append([x1 + 1, y1, min(w, x2 + 2), y2])
+        out.append(boxes)
+    return out
+
+
+def test_eval_report_matches_brute_force(tiny_model, tmp_path):
+    from sempart_core.postprocess import connected_boxes, resize_prob
+    from tests.unit.test_annotations import write_coco, write_voc
+
+    names = sorted(p.stem for p in (DATA / "images").iterdir())
+    rgbs = [np.asarray(Image.open(DATA / "images" / f"{n}.jpg").convert("RGB")) for n in names]
+    gts = [np.asarray(Image.open(DATA / "masks" / f"{n}.png").convert("L")) > 127 for n in names]
+    shapes = [g.shape for g in gts]
+    preds = load_predictor(str(tiny_model)).predict(rgbs)
+    flipped = [p.border_flipped for p in preds]
+    assert 0 < sum(flipped) < len(preds), "the test needs images flipped by the rule and not"
+    gt_boxes = gt_boxes_for(preds, shapes)
+    for name, boxes in zip(names, gt_boxes):
+        write_voc(tmp_path / "voc" / "Annotations", name, boxes)
+    write_coco(tmp_path / "coco.json", dict(zip(names, gt_boxes)), prefix="")
+
+    reports = {}
+    for kind, boxes_arg in (("voc", tmp_path / "voc"), ("coco", tmp_path / "coco.json")):
+        path = tmp_path / f"{kind}.json"
+        result = runner.invoke(app, [
+            "eval", "--model", str(tiny_model), "--images", str(DATA / "images"), "--gt", str(DATA / "masks"),
+            "--boxes", str(boxes_arg), "--json", str(path),
+        ])
+        assert result.exit_code == 0, result.output
+        reports[kind] = json.loads(path.read_text())
+    report = reports["voc"]
+    assert reports["coco"]["corloc"] == report["corloc"]  # both readers give the same boxes
+    assert report["n_border_flipped"] == sum(flipped)
+
+    for rule in ("border_rule_on", "border_rule_off"):
+        undo = [rule == "border_rule_off" and f for f in flipped]
+        fine = [1 - p.prob if u else p.prob for p, u in zip(preds, undo)]
+        coarse = [resize_prob(1 - p.coarse if u else p.coarse, s) for p, u, s in zip(preds, undo, shapes)]
+        for name, maps in (("fine", fine), ("coarse", coarse)):
+            expected = brute_sod(maps, gts)
+            for key, value in expected.items():
+                assert report[rule][name][key] == pytest.approx(value, abs=1e-9), (rule, name, key)
+        boxes = [connected_boxes(m > 0.5, 1)[0] for m in fine]
+        assert report["corloc"][rule] == pytest.approx(brute_corloc(boxes, gt_boxes, shapes))
+    assert 0 < report["CorLoc"] < 1
+    assert report["CorLoc"] == report["corloc"]["border_rule_on"]
+    assert report["IoU"] == report["border_rule_on"]["fine"]["IoU"]
+    # The coarse map is a different prediction from the fine one.
+    assert report["border_rule_on"]["coarse"]["MAE"] != report["border_rule_on"]["fine"]["MAE"]

@@ -75,11 +75,15 @@ def containers(doc: dict) -> list[dict]:
     return [c for d in walk(doc) if isinstance(d.get("containers"), list) for c in d["containers"]]
 
 
-def python_version() -> str:
-    """The one minor Python version that pyproject's requires-python allows, e.g. '3.11'."""
+def python_versions() -> list[str]:
+    """The minor Python versions that pyproject's requires-python allows, e.g. ['3.11', '3.12']."""
     spec = SpecifierSet(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"])
-    (version,) = [f"3.{minor}" for minor in range(8, 30) if spec.contains(f"3.{minor}.0")]
-    return version
+    return [f"3.{minor}" for minor in range(8, 30) if spec.contains(f"3.{minor}.0")]
+
+
+def python_version() -> str:
+    """The Python of the Docker image, CI and the Makefile: the lowest one allowed, e.g. '3.11'."""
+    return python_versions()[0]
 
 
 def py_tag() -> str:
@@ -120,7 +124,7 @@ def test_ray_and_python_versions_agree() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     (ray_req,) = [r for r in pyproject["dependencies"] if re.match(r"ray\[", r)]
     assert SpecifierSet(ray_req.split("]", 1)[1]).contains(RAY)  # pyproject admits the Ray in use
-    assert f"{sys.version_info.major}.{sys.version_info.minor}" == python_version()
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in python_versions()
 
     froms = [args for instr, args in dockerfile_instructions() if instr == "FROM"]
     assert froms == [f"rayproject/ray:{RAY}-{py_tag()}-gpu"]

@@ -18,9 +18,10 @@ from sempart_core.tokencut import fiedler_vector
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "latency.py"
 KEYS = {
-    "ours_ms", "baseline_ms", "ratio", "ours_min_ms", "baseline_min_ms", "backbone",
-    "image_size", "device", "threads", "weights", "random_weights", "n_images", "eigensolver", "backbone_only_ms",
-    "heads_only_ms", "graph_ms", "eigen_ms", "eigen_scipy_ms", "post_ms",
+    "ours_ms", "baseline_ms", "baseline_bs_ms", "ratio", "ratio_bs", "ours_min_ms", "baseline_min_ms",
+    "baseline_bs_min_ms", "backbone", "image_size", "device", "threads", "weights", "random_weights",
+    "n_images", "eigensolver", "backbone_only_ms", "heads_only_ms", "ncut_ms", "graph_ms", "eigen_ms",
+    "eigen_scipy_ms", "bilateral_ms", "post_ms",
 }
 
 
@@ -56,8 +57,11 @@ def test_main_ends_with_json_line_of_figures(tmp_path: Path, capsys: pytest.Capt
     assert figures["random_weights"] is True and "RANDOM weights" in out
     assert all(figures[k] > 0 for k in KEYS if k.endswith("_ms"))
     assert figures["ratio"] == pytest.approx(figures["baseline_ms"] / figures["ours_ms"], rel=1e-3)
+    assert figures["ratio_bs"] == pytest.approx(figures["baseline_bs_ms"] / figures["ours_ms"], rel=1e-3)
     assert figures["ours_min_ms"] <= figures["ours_ms"]
     assert figures["baseline_min_ms"] <= figures["baseline_ms"]
+    assert figures["baseline_bs_min_ms"] <= figures["baseline_bs_ms"]
+    assert "TokenCut + BS / SEMPART" in out
 
 
 def test_scipy_reference_solves_the_same_eigenproblem() -> None:
@@ -70,6 +74,14 @@ def test_scipy_reference_solves_the_same_eigenproblem() -> None:
     reference = latency.scipy_fiedler(w)
     cosine = ours @ reference / (np.linalg.norm(ours) * np.linalg.norm(reference))
     assert abs(cosine) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_default_images_are_the_shipped_photos() -> None:
+    """No default points outside the repository."""
+    settings = latency.parse_settings(["--quick"])
+    repo = Path(__file__).resolve().parents[2]
+    assert Path(settings.images).is_relative_to(repo) and Path(settings.images).is_dir()
+    assert len(latency.load_images(settings.images, 2)) == 2
 
 
 def test_synthetic_images_when_no_folder() -> None:

@@ -213,3 +213,47 @@ def test_prob_is_bilinear_upsampling_of_the_patch_mask() -> None:
 def test_rejects_features_that_do_not_match_the_grid() -> None:
     with pytest.raises(ValueError, match="grid"):
         tokencut_partition(torch.zeros(1, 10, 4), (3, 4))
+
+
+# ---- the Predictor's TokenCut methods ----
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    from pathlib import Path
+
+    from PIL import Image
+
+    data = Path(__file__).resolve().parents[1] / "data" / "duts-te" / "images"
+    return np.asarray(Image.open(sorted(data.iterdir())[0]).convert("RGB"))
+
+
+def test_predictor_tokencut_is_tokencut_as_published(model, photo) -> None:
+    """No border rule: the coarse map is TokenCut's own seed-side partition."""
+    from sempart_core.predictor import load_predictor
+    from sempart_core.training import to_model_input
+
+    predictor = load_predictor(model, method="tokencut")
+    prepared = predictor.prepare(photo)
+    (raw,) = predictor.infer(prepared[None])
+    backbone = predictor.backbone
+    with torch.inference_mode():
+        feats = backbone(to_model_input(prepared[None], backbone.mean, backbone.std, predictor.device))
+    grid = (prepared.shape[0] // predictor.patch, prepared.shape[1] // predictor.patch)
+    expected, ncut = tokencut_partition(feats, grid, border_rule=False)
+    np.testing.assert_array_equal(raw.coarse, expected[0].numpy())
+    assert raw.ncut == pytest.approx(float(ncut[0])) and raw.border_flipped is False
+
+
+def test_predictor_tokencut_bs_refines_tokencut_on_the_image(model, photo) -> None:
+    from sempart_core.bilateral import refine_mask
+    from sempart_core.predictor import load_predictor
+
+    (plain,) = load_predictor(model, method="tokencut").predict([photo])
+    bs = load_predictor(model, method="tokencut-bs")
+    (refined,) = bs.predict([photo])
+    np.testing.assert_array_equal(refined.coarse, plain.coarse)
+    np.testing.assert_array_equal(refined.prob, refine_mask(photo, plain.mask))
+    (raw,) = bs.infer(bs.prepare(photo)[None])
+    with pytest.raises(ValueError, match="tokencut-bs' refines each mask on its image"):
+        bs.finish(raw, *photo.shape[:2])

@@ -1,0 +1,282 @@
+"""The quality table: a trained model on the standard benchmarks, next to published figures.
+
+Evaluates MODEL with SEMPART (fine and coarse map, border rule on and off), and TokenCut
+and TokenCut + bilateral solver on the same backbone and image size, on whichever
+datasets are given, each folder in its official release layout:
+
+    --duts-te DIR     DUTS-TE-Image/, DUTS-TE-Mask/
+    --ecssd DIR       images/, ground_truth_mask/
+    --dut-omron DIR   DUT-OMRON-image/, pixelwiseGT-new-PNG/
+    --voc07 DIR       VOCdevkit/VOC2007/ with JPEGImages/, Annotations/ (and
+                      ImageSets/Main/trainval.txt, which limits it to trainval)
+    --voc12 DIR       VOCdevkit/VOC2012/, the same
+    --coco20k DIR     images (images/train2014/, train2014/ or images/) and one COCO
+                      instances JSON (in DIR or DIR/annotations/) listing the 20k images
+
+Salient-object datasets give Acc / IoU / maxF (both max-F conventions, see
+`sempart_core.metrics`); VOC and COCO give CorLoc. Published rows carry their source;
+figures not sourced here are shown as "n/a", not guessed.
+
+    python benchmarks/quality.py --model runs/model --duts-te data/DUTS-TE --ecssd data/ECSSD
+    python benchmarks/quality.py --quick   # random tiny backbone on the shipped photos
+
+Prints the table, then as its last line one JSON object of the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.annotations import read_coco_boxes, read_voc_boxes
+from pipeline.evaluate import evaluate_model
+from sempart_core.artifact import read_artifact, save_untrained_artifact
+from sempart_core.config import SempartConfig
+from sempart_core.predictor import predictor_from_artifact
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("benchmarks.quality")
+
+SHIPPED_DUTS_TE = REPO / "tests" / "data" / "duts-te"
+QUICK_MODEL = {"backbone": "vit_tiny_patch16_224", "image_size": 64}
+METHODS = ("sempart", "tokencut", "tokencut-bs")
+SOD = ("DUTS-TE", "ECSSD", "DUT-OMRON")
+CORLOC = ("VOC07", "VOC12", "COCO20k")
+NA = None  # a published figure not sourced here
+
+TOKENCUT = "TokenCut, Wang et al., CVPR 2022 (arXiv:2202.11539), ViT-S/16"
+TOKENCUT_BS = "TokenCut + bilateral solver, same paper, ViT-S/16"
+SELFMASK = "SelfMask, Shin et al., CVPRW 2022 (arXiv:2203.07309)"
+FOUND = "FOUND, Simeoni et al., CVPR 2023 (arXiv:2212.07834): figures not sourced here"
+SEMPART = "SEMPART, Ravindran and Basu, ICCV 2023 (arXiv:2309.10972): figures not sourced here"
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published row: (Acc, IoU, maxF) per SOD dataset in %, CorLoc per dataset in %.
+
+    ``maxf`` says which max-F convention the paper's maxF is: ``maxF_dataset`` (one
+    threshold for the dataset, beta^2 0.3), ``maxF_image`` (best threshold per image) or
+    ``unknown`` (not sourced here).
+    """
+
+    name: str
+    source: str
+    maxf: str
+    sod: dict[str, tuple[float, float, float] | None]
+    corloc: dict[str, float | None]
+
+
+PUBLISHED = (
+    Published("TokenCut", TOKENCUT, "maxF_dataset",
+              {"DUTS-TE": (90.3, 57.6, 67.2), "ECSSD": (91.8, 71.2, 80.3), "DUT-OMRON": (88.0, 53.3, 60.0)},
+              {"VOC07": 68.8, "VOC12": 72.1, "COCO20k": 58.8}),
+    Published("TokenCut + BS", TOKENCUT_BS, "maxF_dataset",
+              {"DUTS-TE": (91.4, 62.4, 75.5), "ECSSD": (93.4, 77.2, 87.4), "DUT-OMRON": (89.7, 61.8, 69.7)},
+              dict.fromkeys(CORLOC, NA)),
+    Published("SelfMask", SELFMASK, "maxF_image",
+              {"DUTS-TE": (93.3, 66.0, 88.2), "ECSSD": (95.5, 81.8, 95.6), "DUT-OMRON": (91.9, 65.5, 85.2)},
+              dict.fromkeys(CORLOC, NA)),
+    Published("FOUND", FOUND, "maxF_image", dict.fromkeys(SOD, NA), dict.fromkeys(CORLOC, NA)),
+    Published("SEMPART", SEMPART, "unknown", dict.fromkeys(SOD, NA), dict.fromkeys(CORLOC, NA)),
+)
+
+# Our rows: label -> (method, foreground rule, map).
+OUR_ROWS = {
+    "SEMPART fine (ours)": ("sempart", "border_rule_on", "fine"),
+    "SEMPART coarse (ours)": ("sempart", "border_rule_on", "coarse"),
+    "SEMPART fine, no border rule": ("sempart", "border_rule_off", "fine"),
+    "TokenCut (ours, same backbone)": ("tokencut", "border_rule_on", "fine"),
+    "TokenCut + BS (ours, same backbone)": ("tokencut-bs", "border_rule_on", "fine"),
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    """One dataset on disk: images, and masks (SOD) or boxes (CorLoc)."""
+
+    name: str
+    images: Path
+    masks: Path | None = None
+    boxes: dict[str, list[list[float]]] | None = None
+    stems: set[str] | None = None
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise SystemExit(f"{what}: {path} is missing (see the layout in benchmarks/quality.py --help)")
+    return path
+
+
+def sod_split(name: str, root: Path) -> Split:
+    images, masks = {"DUTS-TE": ("DUTS-TE-Image", "DUTS-TE-Mask"), "ECSSD": ("images", "ground_truth_mask"),
+                     "DUT-OMRON": ("DUT-OMRON-image", "pixelwiseGT-new-PNG")}[name]
+    return Split(name, _need(root / images, name), masks=_need(root / masks, name))
+
+
+def voc_split(name: str, root: Path) -> Split:
+    year = {"VOC07": "VOC2007", "VOC12": "VOC2012"}[name]
+    base = next((p for p in (root / "VOCdevkit" / year, root / year, root) if (p / "Annotations").is_dir()), None)
+    if base is None:
+        raise SystemExit(f"{name}: no VOCdevkit/{year}/Annotations under {root}")
+    trainval = base / "ImageSets" / "Main" / "trainval.txt"
+    stems = set(trainval.read_text().split()) if trainval.is_file() else None
+    return Split(name, _need(base / "JPEGImages", name), boxes=read_voc_boxes(base / "Annotations"), stems=stems)
+
+
+def coco_split(name: str, root: Path) -> Split:
+    images = next((p for p in (root / "images" / "train2014", root / "train2014", root / "images") if p.is_dir()), None)
+    jsons = sorted(root.glob("*.json")) + sorted((root / "annotations").glob("*.json"))
+    if images is None or len(jsons) != 1:
+        raise SystemExit(f"{name}: {root} needs an images folder and exactly one COCO .json "
+                         f"(found {len(jsons)} .json files)")
+    return Split(name, images, boxes=read_coco_boxes(jsons[0]))
+
+
+def evaluate(model: str, splits: list[Split], methods: Sequence[str], device: str,
+             batch_size: int, limit: int | None) -> tuple[dict, dict]:
+    """{dataset: {method: report}} for every split and method, and the model's metadata."""
+    art = read_artifact(model)
+    results: dict[str, dict[str, dict]] = {s.name: {} for s in splits}
+    for method in methods:
+        predictor = predictor_from_artifact(art, device, method, batch_size)
+        for split in splits:
+            log.info("%s on %s", method, split.name)
+            results[split.name][method] = evaluate_model(
+                predictor, split.images, split.masks, boxes=split.boxes, limit=limit, stems=split.stems)
+    cfg = art.config
+    meta = {"model_id": art.model_id, "backbone": cfg.backbone.name, "image_size": cfg.data.image_size,
+            "random_backbone": bool(art.meta.get("random_backbone", False))}
+    return results, meta
+
+
+def our_figures(results: dict) -> dict:
+    """{row label: {dataset: figures in %}} for the rows the run has."""
+    rows: dict[str, dict[str, dict]] = {}
+    for label, (method, rule, kind) in OUR_ROWS.items():
+        for dataset, by_method in results.items():
+            report = by_method.get(method)
+            if report is None:
+                continue
+            if dataset in SOD and rule in report:
+                m = report[rule][kind]
+                figures = {k: round(100 * m[k], 1) for k in ("Acc", "IoU", "maxF_dataset", "maxF_image")}
+                figures["n_images"] = m["n_images"]
+            elif dataset in CORLOC and kind == "fine" and rule in report.get("corloc", {}):
+                figures = {"CorLoc": round(100 * report["corloc"][rule], 1), "n_images": report["corloc"]["n_images"]}
+            else:
+                continue
+            rows.setdefault(label, {})[dataset] = figures
+    return rows
+
+
+def _cell(values: Sequence[float | None] | None) -> str:
+    if values is None:
+        return "n/a"
+    return " / ".join("-" if v is None else f"{v:.1f}" for v in values)
+
+
+def format_table(rows: dict, datasets: list[str], meta: dict) -> str:
+    """Markdown table: our rows, then the published ones, for the datasets evaluated."""
+    sod = [d for d in SOD if d in datasets]
+    corloc = [d for d in CORLOC if d in datasets]
+    header = (["method"] + [f"{d} Acc / IoU / maxF_dataset / maxF_image" for d in sod]
+              + [f"{d} CorLoc" for d in corloc])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, figures in rows.items():
+        cells = [_cell([figures[d][k] for k in ("Acc", "IoU", "maxF_dataset", "maxF_image")])
+                 if d in figures else "n/a" for d in sod]
+        cells += [_cell([figures[d]["CorLoc"]]) if d in figures else "n/a" for d in corloc]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    for pub in PUBLISHED:
+        cells = []
+        for d in sod:
+            f = pub.sod[d]
+            cells.append("n/a" if f is None else _cell(
+                [f[0], f[1], f[2] if pub.maxf == "maxF_dataset" else None, f[2] if pub.maxf == "maxF_image" else None]))
+        cells += ["n/a" if pub.corloc[d] is None else _cell([pub.corloc[d]]) for d in corloc]
+        lines.append("| " + " | ".join([f"{pub.name} (published)", *cells]) + " |")
+    weights = "RANDOM backbone (plumbing check, figures meaningless)" if meta["random_backbone"] else "trained"
+    lines += [
+        "",
+        f"Ours: model {meta['model_id'][:12]} ({weights}), backbone {meta['backbone']} at "
+        f"{meta['image_size']} px; TokenCut rows use the same backbone and size. Figures in %; '-' = the "
+        "paper does not report that convention.",
+        "Sources: " + "; ".join(p.source for p in PUBLISHED) + ".",
+        "Published TokenCut rows use ViT-S/16 at the image's own resolution.",
+    ]
+    return "\n".join(lines)
+
+
+def quick_inputs(workdir: Path) -> tuple[str, Path]:
+    """A random tiny model and the shipped DUTS-TE photos laid out as the official release."""
+    cfg = SempartConfig()
+    cfg.backbone.name, cfg.backbone.weights = QUICK_MODEL["backbone"], "random"
+    cfg.data.image_size = QUICK_MODEL["image_size"]
+    model = workdir / "model"
+    save_untrained_artifact(str(model), cfg)
+    root = workdir / "DUTS-TE"
+    (root / "DUTS-TE-Image").mkdir(parents=True)
+    (root / "DUTS-TE-Mask").mkdir()
+    for image in sorted((SHIPPED_DUTS_TE / "images").iterdir()):
+        (root / "DUTS-TE-Image" / image.name).symlink_to(image)
+        mask = SHIPPED_DUTS_TE / "masks" / f"{image.stem}.png"
+        (root / "DUTS-TE-Mask" / mask.name).symlink_to(mask)
+    return str(model), root
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--model", help="model folder or URI (a trained SEMPART artifact)")
+    for flag in ("duts-te", "ecssd", "dut-omron", "voc07", "voc12", "coco20k"):
+        parser.add_argument(f"--{flag}", type=Path, metavar="DIR")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=int, help="at most N images per dataset")
+    parser.add_argument("--quick", action="store_true",
+                        help="random tiny backbone, the shipped DUTS-TE photos (for tests)")
+    args = parser.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    if not args.methods or set(args.methods) - set(METHODS):
+        parser.error(f"--methods: choose from {', '.join(METHODS)}")
+    if not args.quick and args.model is None:
+        parser.error("--model is required (or --quick)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="sempart-quality-") as tmp:
+        if args.quick and (args.model is None or args.duts_te is None):
+            model, duts = quick_inputs(Path(tmp))
+            args.model = args.model or model
+            args.duts_te = args.duts_te or duts
+        given = {"DUTS-TE": args.duts_te, "ECSSD": args.ecssd, "DUT-OMRON": args.dut_omron,
+                 "VOC07": args.voc07, "VOC12": args.voc12, "COCO20k": args.coco20k}
+        splits = []
+        for name, root in given.items():
+            if root is None:
+                continue
+            make = sod_split if name in SOD else voc_split if name.startswith("VOC") else coco_split
+            splits.append(make(name, Path(root)))
+        if not splits:
+            raise SystemExit("give at least one dataset folder (--duts-te DIR, ...)")
+        results, meta = evaluate(args.model, splits, args.methods, args.device, args.batch_size, args.limit)
+    rows = our_figures(results)
+    print(format_table(rows, [s.name for s in splits], meta))
+    published = {p.name: {"source": p.source, "maxF": p.maxf, **p.sod, **p.corloc} for p in PUBLISHED}
+    print(json.dumps({**meta, "methods": args.methods, "ours": rows, "published": published}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
