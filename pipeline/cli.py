@@ -233,6 +233,10 @@ def label_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", help="Label only the first N images of the input."),
     image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet input: column of image bytes (binary or struct with 'bytes'; default: image, jpg, img or bytes)."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet input: column of image ids (default: sha1 of the uri)."),
+    stall_timeout: float = typer.Option(
+        300.0, "--stall-timeout", min=1.0, envvar="SEMPART_STALL_TIMEOUT",
+        help="Seconds without any labelled row before the run stops and exits 1, naming what to --resume.",
+    ),
     s3_endpoint: Optional[str] = typer.Option(None, "--s3-endpoint", help=S3_ENDPOINT_HELP),
     s3_anon: bool = typer.Option(False, "--s3-anon", help=S3_ANON_HELP),
 ) -> None:
@@ -248,7 +252,8 @@ def label_cmd(
         summary = run_label(
             LabelOptions(model=model, input=input, out=out, resume=resume, batch_size=batch_size, actors=actors,
                          gpu=gpu, rows_per_file=rows_per_file, limit=limit, retry_errors=retry_errors,
-                         max_batch_tokens=max_batch_tokens, image_column=image_column, id_column=id_column)
+                         max_batch_tokens=max_batch_tokens, image_column=image_column, id_column=id_column,
+                         stall_timeout=stall_timeout)
         )
     except IncompleteRunError as exc:
         fail(str(exc), code=EXIT_PARTIAL)

@@ -38,7 +38,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
+import threading
 import time
 import uuid
 import warnings
@@ -78,6 +80,8 @@ COUNTS_KEY = b"sempart_counts"  # per-file status counts in the Parquet footer
 ATTEMPTS_KEY = b"sempart_attempts"  # image_id -> attempts, for the rows labelled again (--retry-errors)
 STATUSES = ("ok", "empty", "error")
 PROGRESS_EVERY_S = 10.0
+DEFAULT_STALL_TIMEOUT_S = 300.0
+PROGRESS_ROW = -1  # the chunk of the writer's per-batch row: rows taken, none written yet
 DECODE_MEMORY = 2**30  # bytes reserved per decode task (see build_dataset)
 DECODE_BATCH = 16  # images per table yielded by a decode task
 CPU_STAGE_NICE = 10  # scheduling priority of the light stages when the model runs on CPU
@@ -131,6 +135,7 @@ class LabelOptions:
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # tokens per model call (sempart_core/batching.py)
     image_column: str | None = None  # Parquet input: the column of image bytes (default: detected)
     id_column: str | None = None  # Parquet input: the column of image ids (default: sha1 of uri)
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # fail when no row reaches the writer for this long
 
     def public(self) -> dict:
         """The options with URIs redacted, for logs and _runs/*.json."""
@@ -357,7 +362,8 @@ class ChunkWriter:
                 self.parts[chunk].append(batch.take(pa.array(keep, pa.int64())))
             if len(self.seen[chunk]) == self.expected.get(chunk):
                 done.append(self.flush(chunk))
-        return pa.Table.from_pylist(done, schema=SUMMARY_SCHEMA)
+        progress = {"chunk": PROGRESS_ROW, "rows": batch.num_rows, **dict.fromkeys(STATUSES, 0)}  # for the watchdog
+        return pa.Table.from_pylist(done + [progress], schema=SUMMARY_SCHEMA)
 
     def flush(self, chunk: int) -> dict:
         table = self.take(chunk)
@@ -721,27 +727,84 @@ def build_dataset(
     )
 
 
-def consume(ds: ray.data.Dataset, n_chunks: int, counts: dict[str, int]) -> int:
+def _missing(chunks: list[int]) -> str:
+    """A short list of chunk indices for a one-line message."""
+    shown = ", ".join(map(str, chunks[:10]))
+    return shown + (f" and {len(chunks) - 10} more" if len(chunks) > 10 else "")
+
+
+def _stream(ds: ray.data.Dataset, events: queue.Queue) -> None:
+    """Iterate the pipeline's output into `events`; then None, or the error it raised."""
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            events.put(batch)
+    except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread
+        events.put(exc)
+    else:
+        events.put(None)
+
+
+def _stop(ds: ray.data.Dataset) -> None:
+    """Shut down the pipeline's executor (its actors and tasks). Ray Data has no public
+    call for this; the executor of a running dataset is `_current_executor`."""
+    executor = getattr(ds, "_current_executor", None)
+    if executor is not None:
+        try:
+            executor.shutdown(force=True)
+        except Exception as exc:  # noqa: BLE001 - the run fails with the stall error anyway
+            logger.warning("could not shut the stalled pipeline down: %s", _one_line(exc))
+
+
+def consume(ds: ray.data.Dataset, pending: list[int], counts: dict[str, int], stall_timeout: float) -> int:
     """Run the pipeline, adding each written file's status counts to `counts` and
-    logging progress; returns the rows written. The driver sees one row per file."""
-    written, labelled = 0, 0
+    logging progress; returns the rows written. The driver sees one row per file and
+    one per batch the writer takes (chunk PROGRESS_ROW).
+
+    A watchdog: when the writer takes no row for `stall_timeout` seconds (Ray Data can
+    wait forever on an actor pool whose actor died, or on a lost node's work), the
+    pipeline is shut down and the run fails with one line naming the unwritten chunks."""
+    events: queue.Queue = queue.Queue()
+    stream = threading.Thread(target=_stream, args=(ds, events), name="sempart-label-stream", daemon=True)
+    written: set[int] = set()
+    labelled = 0
     start = last_log = time.perf_counter()
     with warnings.catch_warnings():
         # Ray Data warns when an actor pool gets fewer input blocks than actors; it counts
         # the chunk descriptors, yet each decode task yields many blocks.
         warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        stream.start()
+        while True:
+            try:
+                batch = events.get(timeout=stall_timeout)
+            except queue.Empty:
+                _stop(ds)
+                stream.join(timeout=30)
+                missing = sorted(set(pending) - written)
+                raise IncompleteRunError(
+                    f"no progress for {stall_timeout:g} s (--stall-timeout): {len(missing)} of {len(pending)} "
+                    f"files not written (chunks {_missing(missing)}): run again with --resume"
+                ) from None
+            if batch is None:
+                break
+            if isinstance(batch, BaseException):
+                raise batch
             for rec in batch.to_pylist():
-                written += 1
+                if rec["chunk"] == PROGRESS_ROW:
+                    continue
+                written.add(rec["chunk"])
                 labelled += rec["rows"]
                 for s in STATUSES:
                     counts[s] += rec[s]
             if time.perf_counter() - last_log > PROGRESS_EVERY_S:
                 last_log = time.perf_counter()
                 logger.info("progress: %d/%d files, %d images, %.2f images/s",
-                            written, n_chunks, labelled, labelled / (last_log - start))
-    if written != n_chunks:
-        raise IncompleteRunError(f"{n_chunks - written} of {n_chunks} files were not written: run again with --resume")
+                            len(written), len(pending), labelled, labelled / (last_log - start))
+    missing = sorted(set(pending) - written)
+    if missing:
+        raise IncompleteRunError(
+            f"{len(missing)} of {len(pending)} files were not written (chunks {_missing(missing)}): "
+            "run again with --resume"
+        )
     return labelled
 
 
@@ -791,11 +854,12 @@ def run_label(opts: LabelOptions) -> LabelSummary:
         gpu, actors = _resources(opts)
         t2 = time.perf_counter()
     if pending:
-        labelled = consume(build_dataset(pending, manifest, run, art, opts, gpu, actors), len(pending), counts)
+        labelled = consume(build_dataset(pending, manifest, run, art, opts, gpu, actors), pending, counts,
+                           opts.stall_timeout)
     if retry:
         logger.info("labelling again %d error rows in %d part files", sum(retry.values()), len(retry))
-        retried = consume(build_dataset(sorted(retry), manifest, run, art, opts, gpu, actors, retry), len(retry),
-                          relabelled)
+        retried = consume(build_dataset(sorted(retry), manifest, run, art, opts, gpu, actors, retry), sorted(retry),
+                          relabelled, opts.stall_timeout)
         labelled += retried
         counts = {s: counts[s] + relabelled[s] for s in STATUSES}
         counts[STATUS_ERROR] -= retried

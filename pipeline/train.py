@@ -2,12 +2,16 @@
 
 The driver lists the inputs once, builds a Ray Data pipeline (read bytes -> decode and
 augment on CPU tasks) and starts a `TorchTrainer` whose run lives at RUN_ROOT/RUN.
-Ray Train V2 restores the latest checkpoint of a run started again under the same
-storage path and name: that is how re-running the same command resumes, and how a lost
-worker is recovered (`FailureConfig`). Each worker runs the frozen backbone and the
-DDP-wrapped heads through `sempart_core.training.training_step`; every K steps the
-workers write a checkpoint (heads, optimiser, scheduler, step, RNG), and rank 0 writes
-the model artifact to RUN_ROOT/RUN/model/ at the end.
+Re-running the same command resumes: the driver picks the newest COMPLETE checkpoint
+in RUN_ROOT/RUN (one holding COMPLETE_FILE, which rank 0 writes once every worker's
+files are uploaded) and hands it to the workers, which take it unless Ray Train offers
+a newer one (a worker group restarted within this run after a lost worker,
+`FailureConfig`). Ray Train's own record of a run's checkpoints is not enough: a run
+killed between an upload and its registration would restart from an older one, or from
+step 0. Each worker runs the frozen backbone and the DDP-wrapped heads through
+`sempart_core.training.training_step`; every K steps the workers write a checkpoint
+(heads, optimiser, scheduler, step, RNG), and rank 0 writes the model artifact to
+RUN_ROOT/RUN/model/ at the end.
 
 Checkpoints hold only tensors and plain values (`torch.load(weights_only=True)` reads
 them back) plus a JSON progress file; the frozen backbone is never saved there.
@@ -18,7 +22,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import re
 import tempfile
@@ -52,15 +55,14 @@ STATE_FILE = "train_state.pt"  # heads, optimiser, scheduler (rank 0)
 PROGRESS_FILE = "progress.json"  # step, resumed_from (rank 0); readable without torch
 RNG_FILE = "rng_rank{rank}.pt"  # each worker's RNG state
 RUN_FILE = "sempart_run.json"  # the config a run was started with, checked on resume
+COMPLETE_FILE = "_complete.json"  # written last into a checkpoint folder, once it is whole
+CHECKPOINT_DIR = re.compile(r"checkpoint_(\d{8})")
+PLAN_VERSION = 1
 MODEL_DIR = "model"
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 POSITIVE_TRAIN_FIELDS = ("steps", "batch_size", "checkpoint_every", "report_every", "keep_checkpoints")
 # Sections that shape the saved tensors: a run cannot resume with other values.
 FIXED_SECTIONS = ("backbone", "model")
-# Test hook: the last worker raises once when it reaches this step (a marker file
-# remembers that it did), to exercise recovery from a lost worker.
-FAIL_AT_STEP_ENV = "SEMPART_TEST_FAIL_AT_STEP"
-FAIL_MARKER_ENV = "SEMPART_TEST_FAIL_MARKER"
 
 
 @dataclass
@@ -96,6 +98,37 @@ class TrainSummary:
             f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s in the loop); "
             f"{self.skipped_images} undecodable images skipped; model at {redact(self.model)}"
         )
+
+
+@dataclass
+class WorkerPlan:
+    """What the driver tells every training worker (Ray Train's `train_loop_config`)."""
+
+    config: SempartConfig
+    run: str  # RUN
+    run_uri: str  # RUN_ROOT/RUN: checkpoints and the model live here
+    batch_size_per_worker: int
+    torch_threads: int
+    resume_from: str | None = None  # URI of the newest complete checkpoint when the run started
+    version: int = PLAN_VERSION
+
+    @property
+    def model_uri(self) -> str:
+        return uri.join(self.run_uri, MODEL_DIR)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "config": self.config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WorkerPlan":
+        """The plan back from `to_dict`; a plan of another sempart version is one clear error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if data.get("version") != PLAN_VERSION or set(data) != names:
+            raise ValueError(
+                f"training worker plan version {data.get('version')!r} with fields {sorted(data)} is not "
+                f"version {PLAN_VERSION}: run the same sempart version on the driver and the workers"
+            )
+        return cls(**{**data, "config": SempartConfig.from_dict(data["config"])})
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -246,6 +279,31 @@ def load_checkpoint(
     return Progress(**json.loads((folder / PROGRESS_FILE).read_text()))
 
 
+def checkpoint_step(folder: str) -> int:
+    """The step of a checkpoint folder, from its name (checkpoint_<step:08d>)."""
+    return int(CHECKPOINT_DIR.fullmatch(folder.rstrip("/").rsplit("/", 1)[-1]).group(1))
+
+
+def mark_complete(run_uri: str, folder: str, step: int, workers: int) -> None:
+    """Rank 0, once every worker has uploaded its files: the checkpoint may be resumed from."""
+    uri.write_bytes(uri.join(run_uri, folder, COMPLETE_FILE), json.dumps({"step": step, "workers": workers}).encode())
+
+
+def newest_complete_checkpoint(run_uri: str) -> str | None:
+    """URI of the checkpoint with the highest step that holds COMPLETE_FILE, or None.
+
+    Folders without it were cut short (a worker killed during its upload) or written by
+    a run killed before rank 0 saw every upload finish: resuming from one could miss a
+    worker's files."""
+    fs, root = pyarrow_filesystem(run_uri)
+    folders = [i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+               if i.type == pafs.FileType.Directory and CHECKPOINT_DIR.fullmatch(i.base_name)]
+    for folder in sorted(folders, key=checkpoint_step, reverse=True):
+        if fs.get_file_info(f"{root}/{folder}/{COMPLETE_FILE}").type == pafs.FileType.File:
+            return uri.join(run_uri, folder)
+    return None
+
+
 # ------------------------------------------------------------------------ worker loop
 
 
@@ -257,14 +315,6 @@ def _worker_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
-
-
-def _maybe_fail(completed: int, rank: int, world: int, loop: dict[str, Any]) -> None:
-    """The test hook of FAIL_AT_STEP_ENV: the last worker raises once at that step."""
-    marker = loop.get("fail_marker")
-    if loop.get("fail_at_step") == completed and rank == world - 1 and marker and not os.path.exists(marker):
-        Path(marker).touch()
-        raise RuntimeError(f"test hook {FAIL_AT_STEP_ENV}: worker {rank} fails at step {completed}")
 
 
 class _Window:
@@ -291,14 +341,14 @@ class _Window:
 class _WorkerRun:
     """One worker's model, optimiser and progress; `train_loop` drives it."""
 
-    def __init__(self, loop: dict[str, Any]) -> None:
-        self.loop = loop
-        self.cfg = SempartConfig.from_dict(loop["config"])
+    def __init__(self, plan: WorkerPlan) -> None:
+        self.plan = plan
+        self.cfg = plan.config
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         if self.device.type == "cpu":
-            torch.set_num_threads(loop["torch_threads"])
+            torch.set_num_threads(plan.torch_threads)
         self.backbone, self.heads = build_model(self.cfg, seed=self.cfg.train.seed)
         self.backbone.to(self.device)
         self.heads.to(self.device)  # before the optimiser, so that restored state lands there
@@ -309,9 +359,19 @@ class _WorkerRun:
         self.model = ray.train.torch.prepare_model(self.heads)  # DDP: gloo on CPU, NCCL on GPU
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
 
+    def _checkpoint_to_restore(self) -> ray.train.Checkpoint | None:
+        """The newer of the plan's checkpoint and the one Ray Train hands over (its
+        newest registered one: after a worker-group restart, newer than the plan's)."""
+        registered = ray.train.get_checkpoint()
+        if self.plan.resume_from is None:
+            return registered
+        if registered is not None and checkpoint_step(registered.path) >= checkpoint_step(self.plan.resume_from):
+            return registered
+        fs, path = pyarrow_filesystem(self.plan.resume_from)
+        return ray.train.Checkpoint(path, filesystem=fs)
+
     def _restore(self) -> Progress:
-        """The latest checkpoint Ray Train hands over (same run name, or a restart)."""
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self._checkpoint_to_restore()
         if checkpoint is None:
             return Progress()
         with checkpoint.as_directory() as folder:
@@ -319,11 +379,10 @@ class _WorkerRun:
         if progress.step < self.cfg.train.steps:
             progress.resumed_from.append(progress.step)
         if self.rank == 0:
-            logger.warning("resuming %s from step %d (of %d)", self.loop["run"], progress.step, self.cfg.train.steps)
+            logger.warning("resuming %s from step %d (of %d)", self.plan.run, progress.step, self.cfg.train.steps)
         return progress
 
     def step(self, batch: torch.Tensor) -> dict[str, float]:
-        _maybe_fail(self.progress.step, self.rank, self.world, self.loop)
         terms = training_step(
             self.backbone, self.model, batch, self.optimizer, self.scheduler, self.cfg, self.device, self.autocast
         )
@@ -332,27 +391,31 @@ class _WorkerRun:
 
     def report(self, metrics: dict[str, float], checkpoint: bool) -> None:
         """Report to Ray Train; with a checkpoint, every worker uploads its files into
-        one folder named by the step (rank 0: training state, each rank: its RNG)."""
+        one folder named by the step (rank 0: training state, each rank: its RNG), and
+        once all have (a `report` returns when its own upload is done), rank 0 marks
+        the folder complete."""
         if not checkpoint:
             ray.train.report(metrics)
             return
+        name = f"checkpoint_{self.progress.step:08d}"
         with tempfile.TemporaryDirectory(prefix="sempart-ckpt-") as folder:
             save_checkpoint(Path(folder), self.rank, self.heads, self.optimizer, self.scheduler, self.progress)
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(folder),
-                checkpoint_dir_name=f"checkpoint_{self.progress.step:08d}",
-            )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        # A report skipped by Ray Train (a worker failed meanwhile) uploaded nothing.
+        if self.rank == 0 and uri.exists(uri.join(self.plan.run_uri, name, STATE_FILE)):
+            mark_complete(self.plan.run_uri, name, self.progress.step, self.world)
 
     def write_artifact(self) -> None:
         meta = meta_for_backbone(
-            self.backbone, run_id=self.loop["run"], steps=self.progress.step,
+            self.backbone, run_id=self.plan.run, steps=self.progress.step,
             resumed_from=list(self.progress.resumed_from),
         )
-        save_artifact(self.loop["model_uri"], self.cfg, self.heads, self.backbone, meta)
+        save_artifact(self.plan.model_uri, self.cfg, self.heads, self.backbone, meta)
 
 
-def train_loop(loop: dict[str, Any]) -> None:
+def train_loop(plan: dict[str, Any]) -> None:
     """One Ray Train worker: restore, train to `steps` (repeating the data), checkpoint
     every K steps, report every `report_every`, and (rank 0) write the artifact.
 
@@ -360,9 +423,9 @@ def train_loop(loop: dict[str, Any]) -> None:
     reporting every step would stall training; the console gets every step instead.
     """
     _worker_logging()
-    run = _WorkerRun(loop)
+    run = _WorkerRun(WorkerPlan.from_dict(plan))
     cfg, progress = run.cfg, run.progress
-    per_worker = loop["batch_size_per_worker"]
+    per_worker = run.plan.batch_size_per_worker
     global_batch = per_worker * run.world
     shard = ray.train.get_dataset_shard("train")
     start_step, start, window = progress.step, time.perf_counter(), _Window()
@@ -402,7 +465,7 @@ def train_loop(loop: dict[str, Any]) -> None:
             )
     if progress.step == start_step:  # a finished run started again: refresh the artifact
         if run.rank == 0:
-            logger.warning("%s already finished at step %d", loop["run"], progress.step)
+            logger.warning("%s already finished at step %d", run.plan.run, progress.step)
             run.write_artifact()
         run.report({"step": progress.step, "images": 0, "images_per_s": 0.0}, checkpoint=False)
 
@@ -410,12 +473,13 @@ def train_loop(loop: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def check_run(run_uri: str, cfg: SempartConfig, name: str) -> None:
-    """Record a new run's config, or check a resumed run's against it (and say so loudly)."""
+def check_run(run_uri: str, cfg: SempartConfig, name: str) -> str | None:
+    """Record a new run's config, or check a resumed run's against it and say loudly
+    from which step it resumes; returns the checkpoint to resume from (None: step 0)."""
     record = uri.join(run_uri, RUN_FILE)
     if not uri.exists(record):
         uri.write_bytes(record, json.dumps({"config": cfg.to_dict()}, indent=2).encode())
-        return
+        return None
     previous = json.loads(uri.read_bytes(record))["config"]
     current = cfg.to_dict()
     changed = [s for s in FIXED_SECTIONS if previous.get(s) != current[s]]
@@ -424,10 +488,16 @@ def check_run(run_uri: str, cfg: SempartConfig, name: str) -> None:
             f"run {name!r} in {redact(run_uri)} was started with another {' and '.join(changed)} "
             "config: use a new --name to start a new run"
         )
-    logger.warning(
-        "run %s exists in %s: RESUMING from its latest checkpoint (use a new --name to start afresh)",
-        name, redact(run_uri),
-    )
+    checkpoint = newest_complete_checkpoint(run_uri)
+    if checkpoint is None:
+        logger.warning("run %s exists in %s but holds no complete checkpoint: training from step 0",
+                       name, redact(run_uri))
+    else:
+        logger.warning(
+            "run %s exists in %s: RESUMING from step %d, its newest complete checkpoint "
+            "(use a new --name to start afresh)", name, redact(run_uri), checkpoint_step(checkpoint),
+        )
+    return checkpoint
 
 
 def run_training(job: TrainJob) -> TrainSummary:
@@ -449,7 +519,7 @@ def run_training(job: TrainJob) -> TrainSummary:
         raise ValueError(f"--batch-size {cfg.train.batch_size} must be a multiple of --workers {workers}")
     storage_fs, storage_path = pyarrow_filesystem(job.out)
     run_uri = uri.join(job.out if is_s3(job.out) else storage_path, job.name)
-    check_run(run_uri, cfg, job.name)
+    resume_from = check_run(run_uri, cfg, job.name)
 
     # The per-step lines are training's progress; Ray Data's bars would restart every pass.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -457,18 +527,11 @@ def run_training(job: TrainJob) -> TrainSummary:
     dataset = image_dataset(fs, paths, cfg, patch_size_of(cfg.backbone.name), skipped)
     resources, threads = worker_resources(workers, gpu)
     env = s3_env()  # for the artifact write (fsspec); Ray Train's uploads use storage_fs
-    loop = {
-        "config": cfg.to_dict(),
-        "run": job.name,
-        "batch_size_per_worker": cfg.train.batch_size // workers,
-        "model_uri": uri.join(run_uri, MODEL_DIR),
-        "torch_threads": threads,
-        "fail_at_step": int(os.environ[FAIL_AT_STEP_ENV]) if os.environ.get(FAIL_AT_STEP_ENV) else None,
-        "fail_marker": os.environ.get(FAIL_MARKER_ENV),
-    }
+    plan = WorkerPlan(config=cfg, run=job.name, run_uri=run_uri, batch_size_per_worker=cfg.train.batch_size // workers,
+                      torch_threads=threads, resume_from=resume_from)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
-        train_loop_config=loop,
+        train_loop_config=plan.to_dict(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=job.name,
@@ -488,7 +551,7 @@ def run_training(job: TrainJob) -> TrainSummary:
     start = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - start
-    meta = json.loads(uri.read_bytes(uri.join(loop["model_uri"], META_FILE)))
+    meta = json.loads(uri.read_bytes(uri.join(plan.model_uri, META_FILE)))
     metrics = result.metrics or {}
     return TrainSummary(
         run=job.name,
@@ -498,6 +561,6 @@ def run_training(job: TrainJob) -> TrainSummary:
         seconds=seconds,
         images_per_s=float(metrics.get("images_per_s", 0.0)),
         skipped_images=ray.get(skipped.count.remote()),
-        model=loop["model_uri"],
+        model=plan.model_uri,
         metrics=metrics,
     )

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import threading
+import time
 from pathlib import Path
 
 import boto3
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from processes import descendants_titled, kill
 
 import pipeline.train as train
 from pipeline.train import TrainJob, run_training
@@ -52,42 +56,60 @@ def s3_keys(client, bucket: str, prefix: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def test_train_from_s3_to_s3_recovering_a_lost_worker(
-    s3_endpoint: str, s3_bucket: str, ray_session, tmp_path: Path, monkeypatch
-) -> None:
-    """Images from S3 (one undecodable), checkpoints and artifact to S3; a worker raises
-    once before step 6 and the worker group restarts from the newest checkpoint Ray
-    Train had registered (read back from S3). That is step 4, or step 2 when the failure
-    is seen before the step-4 report is (a worker passes report N only once report N-1
-    has been taken, so step 2 is registered by then)."""
+def kill_a_worker_after(client, bucket: str, key: str, killed: list[int], stop: threading.Event) -> None:
+    """Once `key` is in the bucket, SIGKILL one Ray Train worker process of this test
+    session's Ray (a descendant of this process), as a lost worker would die."""
+    while not stop.is_set():
+        if client.list_objects_v2(Bucket=bucket, Prefix=key).get("KeyCount"):
+            workers = descendants_titled(os.getpid(), "ray::RayTrainWorker")
+            if workers:
+                kill(workers[-1:])
+                killed.extend(workers[-1:])
+                return
+        time.sleep(0.05)
+
+
+def test_train_from_s3_to_s3_recovering_a_lost_worker(s3_endpoint: str, s3_bucket: str, ray_session) -> None:
+    """Images from S3 (one undecodable), checkpoints and artifact to S3; one of the two
+    workers is SIGKILLed from outside once the step-2 checkpoint is complete, and the
+    worker group restarts from the newest checkpoint Ray Train had registered (read back
+    from S3), which the run then records in `resumed_from`."""
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     bucket = s3_bucket.removeprefix("s3://")
     for path in sorted(SAMPLE.glob("*.jpg")):
         client.put_object(Bucket=bucket, Key=f"images/{path.name}", Body=path.read_bytes())
     client.put_object(Bucket=bucket, Key="images/broken.jpg", Body=b"\xff\xd8\xff\xe0 not a jpeg at all")
     client.put_object(Bucket=bucket, Key="images/notes.txt", Body=b"not an image name: not listed")
-    marker = tmp_path / "failed-once"
-    monkeypatch.setenv(train.FAIL_AT_STEP_ENV, "5")
-    monkeypatch.setenv(train.FAIL_MARKER_ENV, str(marker))
 
-    cfg = tiny_config(steps=6, checkpoint_every=2, keep_checkpoints=2, max_failures=1)
-    summary = run_training(
-        TrainJob(data=f"{s3_bucket}/images", out=f"{s3_bucket}/runs", name="s3run", config=cfg, workers=2, gpu=False)
-    )
-    assert marker.exists()  # the worker did fail
-    [resumed] = summary.resumed_from
-    assert resumed in (2, 4)
-    assert (summary.steps, summary.skipped_images) == (6, 1)
-    assert summary.images == (6 - resumed) * 4  # since the restart
+    steps = 20
+    cfg = tiny_config(steps=steps, checkpoint_every=2, keep_checkpoints=2, max_failures=1)
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_a_worker_after, args=(
+        client, bucket, f"runs/s3run/checkpoint_00000002/{train.COMPLETE_FILE}", killed, stop))
+    killer.start()
+    try:
+        summary = run_training(
+            TrainJob(data=f"{s3_bucket}/images", out=f"{s3_bucket}/runs", name="s3run", config=cfg, workers=2,
+                     gpu=False)
+        )
+    finally:
+        stop.set()
+        killer.join()
+    assert killed  # a worker was killed ...
+    [resumed] = summary.resumed_from  # ... and the run recovered from a checkpoint
+    assert 2 <= resumed < steps and resumed % 2 == 0
+    assert (summary.steps, summary.skipped_images) == (steps, 1)
+    assert summary.images == (steps - resumed) * 4  # since the restart
 
     keys = s3_keys(client, bucket, "runs/s3run/")
     checkpoints = sorted({k.split("/")[2] for k in keys if k.split("/")[2].startswith("checkpoint_0")})
-    assert checkpoints == ["checkpoint_00000004", "checkpoint_00000006"]  # the newest 2 kept
-    last = "runs/s3run/checkpoint_00000006/"
+    assert checkpoints == [f"checkpoint_{steps - 2:08d}", f"checkpoint_{steps:08d}"]  # the newest 2 kept
+    last = f"runs/s3run/checkpoint_{steps:08d}/"
     files = {k.removeprefix(last) for k in keys if k.startswith(last)} - {""}  # "": pyarrow's folder marker
-    assert files == {"progress.json", "train_state.pt", "rng_rank0.pt", "rng_rank1.pt"}
+    assert files == {"progress.json", "train_state.pt", "rng_rank0.pt", "rng_rank1.pt", train.COMPLETE_FILE}
     progress = json.loads(client.get_object(Bucket=bucket, Key=last + "progress.json")["Body"].read())
-    assert progress == {"step": 6, "resumed_from": [resumed]}
+    assert progress == {"step": steps, "resumed_from": [resumed]}
     state = torch.load(
         io.BytesIO(client.get_object(Bucket=bucket, Key=last + "train_state.pt")["Body"].read()),
         weights_only=True,
@@ -95,7 +117,7 @@ def test_train_from_s3_to_s3_recovering_a_lost_worker(
 
     model = f"{s3_bucket}/runs/s3run/model"
     artifact = read_artifact(model)
-    assert (artifact.meta["steps"], artifact.meta["resumed_from"], artifact.meta["run_id"]) == (6, [resumed], "s3run")
+    assert (artifact.meta["steps"], artifact.meta["resumed_from"], artifact.meta["run_id"]) == (steps, [resumed], "s3run")
     assert artifact.heads_state.keys() == state["heads"].keys()
     for name, tensor in artifact.heads_state.items():  # the artifact holds the trained heads
         assert torch.equal(tensor, state["heads"][name]), name
@@ -237,3 +259,49 @@ def test_training_image_paths_from_folder_text_and_manifest(tmp_path: Path) -> N
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
         train.training_image_paths(str(tmp_path / "empty"))
+
+
+def test_worker_plan_round_trip_and_other_versions() -> None:
+    cfg = tiny_config(steps=7)
+    plan = train.WorkerPlan(config=cfg, run="r", run_uri="s3://b/runs/r", batch_size_per_worker=2,
+                            torch_threads=1, resume_from="s3://b/runs/r/checkpoint_00000005")
+    data = json.loads(json.dumps(plan.to_dict()))  # plain values only, as Ray ships them
+    assert train.WorkerPlan.from_dict(data) == plan
+    assert plan.model_uri == "s3://b/runs/r/model"
+    old = {k: v for k, v in data.items() if k != "version"}
+    with pytest.raises(ValueError, match="plan version None") as info:
+        train.WorkerPlan.from_dict(old)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="not version 1"):
+        train.WorkerPlan.from_dict({**data, "fail_at_step": 5})
+
+
+def test_newest_complete_checkpoint(tmp_path: Path) -> None:
+    """The highest step whose folder holds the completion file; a newer folder without
+    it (a run killed during its upload) is passed over; other folders are ignored."""
+    run = tmp_path / "run"
+    assert train.newest_complete_checkpoint(str(run)) is None  # no run folder yet
+    for step in (5, 10, 15):
+        (run / f"checkpoint_{step:08d}").mkdir(parents=True)
+        (run / f"checkpoint_{step:08d}" / "train_state.pt").write_bytes(b"x")
+    (run / "checkpoint_tmp_1").mkdir()
+    assert train.newest_complete_checkpoint(str(run)) is None
+    for step in (5, 10):
+        train.mark_complete(str(run), f"checkpoint_{step:08d}", step, 2)
+    assert train.newest_complete_checkpoint(str(run)) == str(run / "checkpoint_00000010")
+    assert train.checkpoint_step(str(run / "checkpoint_00000010")) == 10
+    assert json.loads((run / "checkpoint_00000010" / train.COMPLETE_FILE).read_text()) == {"step": 10, "workers": 2}
+
+
+def test_rerun_says_where_it_resumes(tmp_path: Path, caplog) -> None:
+    """A new run records its config; a rerun names the step it resumes from, or says
+    plainly that it starts from step 0 when no checkpoint is complete."""
+    run, cfg = tmp_path / "run", tiny_config(steps=10)
+    assert train.check_run(str(run), cfg, "r") is None  # new: nothing said
+    assert "RESUMING" not in caplog.text
+    (run / "checkpoint_00000005").mkdir()
+    assert train.check_run(str(run), cfg, "r") is None
+    assert "holds no complete checkpoint: training from step 0" in caplog.text
+    train.mark_complete(str(run), "checkpoint_00000005", 5, 1)
+    assert train.check_run(str(run), cfg, "r") == str(run / "checkpoint_00000005")
+    assert "RESUMING from step 5, its newest complete checkpoint" in caplog.text

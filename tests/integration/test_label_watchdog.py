@@ -1,0 +1,48 @@
+"""The label watchdog (`consume`, --stall-timeout): a pipeline that stops producing
+fails the run with one line naming the unwritten chunks, instead of hanging; a
+pipeline that ends with chunks unwritten names them too. Real Ray Data pipelines on
+the session's local Ray, standing in for the label pipeline's summary rows."""
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pytest
+
+from pipeline.label import PROGRESS_ROW, STATUSES, SUMMARY_SCHEMA, IncompleteRunError, consume
+
+pytestmark = pytest.mark.integration
+
+
+def summary(chunk: int, rows: int) -> dict:
+    return {"chunk": chunk, "rows": rows, **dict.fromkeys(STATUSES, 0), "ok": rows if chunk != PROGRESS_ROW else 0}
+
+
+def test_stalled_pipeline_fails_with_the_missing_chunks(ray_session) -> None:
+    rows = [summary(0, 5), summary(PROGRESS_ROW, 5)]
+
+    def rows_then_stall(batch: dict) -> pa.Table:
+        """Block 0: chunk 0 written; block 1: the stage never answers (as a pool whose
+        actor died). Defined here so that Ray ships it by value to its workers."""
+        if batch["id"][0] == 1:
+            time.sleep(120)
+        return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+
+    ds = ray_session.data.range(2, override_num_blocks=2).map_batches(rows_then_stall, batch_size=None)
+    counts = dict.fromkeys(STATUSES, 0)
+    with pytest.raises(IncompleteRunError) as info:
+        consume(ds, [0, 1, 2], counts, stall_timeout=5)
+    message = str(info.value)
+    assert message == ("no progress for 5 s (--stall-timeout): 2 of 3 files not written (chunks 1, 2): "
+                       "run again with --resume")
+    assert counts["ok"] == 5  # what was written is counted
+
+
+def test_finished_pipeline_names_unwritten_chunks(ray_session) -> None:
+    rows = [summary(PROGRESS_ROW, 3), summary(0, 3)] + [summary(k, 1) for k in range(2, 14)]
+    ds = ray_session.data.from_arrow(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA))
+    counts = dict.fromkeys(STATUSES, 0)
+    assert consume(ds, [0, *range(2, 14)], counts, stall_timeout=60) == 3 + 12  # progress rows count no file
+    assert counts == {"ok": 15, "empty": 0, "error": 0}
+    with pytest.raises(IncompleteRunError, match=r"^12 of 25 files were not written \(chunks 1, 14, 15, 16, 17, 18, 19, 20, 21, 22 and 2 more\): run again"):
+        consume(ds, list(range(25)), dict.fromkeys(STATUSES, 0), stall_timeout=60)

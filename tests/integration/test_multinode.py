@@ -1,0 +1,238 @@
+"""`sempart label` and `sempart train` on a real 3-node Ray cluster (multinode.py) while
+parts of it die: a worker node SIGKILLed (raylet, object store, workers), one inference
+actor's process SIGKILLed, the writer actor's process SIGKILLed, each in the middle of
+a label run of 2,000 images; a worker node SIGKILLed during a 2-worker training run.
+No run may hang: each is bounded at 3x a clean run's time (measured first, on the same
+cluster), and the label watchdog (--stall-timeout) turns a stalled pipeline into a
+one-line exit.
+
+Label: each run either completes or exits 1 with one line naming the files it did not
+write, and then `--resume` completes it; either way the table holds every input
+exactly once with decodable masks. Train: the run recovers from its newest checkpoint
+(Ray Train restarts the worker group once a replacement node has joined) or fails, and
+the rerun resumes; either way it reaches its last step with `resumed_from` set.
+
+Tiny images (40 px) and the tiny RANDOM-backbone model: this checks the machinery.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from multinode import Cluster, base_env, start_cluster
+from PIL import Image
+from processes import command_line, descendants_titled, kill, process_tree
+
+from pipeline.schema import image_id_for
+from sempart_core.postprocess import rle_to_mask
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+N_IMAGES, ROWS_PER_FILE = 2000, 100
+# Head: the driver-side work (decode, finish, writer); each worker node: one 2-CPU
+# inference actor (--actors 2 on 5 CPUs gives each actor 2), so losing a worker node
+# loses an actor and the tasks and objects on that node.
+HEAD_CPUS, WORKER_CPUS = 1, 2
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    cluster = start_cluster(HEAD_CPUS, [WORKER_CPUS, WORKER_CPUS])
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """A text file of N_IMAGES small PNG paths."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(N_IMAGES):
+        rgb = (rng.random((40, 40, 3)) * 80).astype(np.uint8)
+        rgb[10:30, 12:28] = rng.integers(150, 255, 3)
+        path = folder / f"{i:05d}.png"
+        Image.fromarray(rgb).save(path)
+        paths.append(str(path))
+    listing = folder / "uris.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    return listing
+
+
+def label_command(model: str, inputs: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "label", "--model", model, "--input", str(inputs),
+            "--out", str(out), "--no-gpu", "--actors", "2", "--batch-size", "16",
+            "--rows-per-file", str(ROWS_PER_FILE), *extra]
+
+
+def start_cli(cluster: Cluster, command: list[str], log: Path) -> subprocess.Popen:
+    env = base_env() | {"RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO)}
+    with log.open("w") as f:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, log: Path, bound: float) -> int:
+    """The run's exit code; a run that outlives `bound` seconds is a hang: killed, failed."""
+    try:
+        return proc.wait(timeout=bound)
+    except subprocess.TimeoutExpired:
+        kill(process_tree(proc.pid))
+        proc.wait()
+        pytest.fail(f"the run took over {bound:.0f} s (3x a clean run): hung?\n{log.read_text()[-3000:]}")
+
+
+def run_cli(cluster: Cluster, command: list[str], log: Path, bound: float) -> int:
+    return finish(start_cli(cluster, command, log), log, bound)
+
+
+def parts(out: Path) -> list[Path]:
+    return sorted(out.glob("part-*.parquet"))
+
+
+def wait_for_parts(proc: subprocess.Popen, out: Path, log: Path, count: int, bound: float) -> None:
+    """Until `count` part files are written: the run is under way, far from done."""
+    deadline = time.monotonic() + bound
+    while len(parts(out)) < count:
+        assert proc.poll() is None, f"label ended before {count} files:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {count} files in {bound:.0f} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+def assert_complete(out: Path, inputs: Path) -> None:
+    """Every input exactly once in the readable table, and every ok mask decodes."""
+    uris = inputs.read_text().split()
+    rows = [row for part in parts(out) for row in pq.read_table(part).to_pylist()]
+    ids = Counter(row["image_id"] for row in rows)
+    assert [i for i, n in ids.items() if n > 1] == []
+    assert set(ids) == {image_id_for(u) for u in uris}
+    assert sorted(row["uri"] for row in rows) == sorted(uris)
+    assert {row["status"] for row in rows} <= {"ok", "empty"}
+    for row in rows:
+        if row["status"] == "ok":
+            assert rle_to_mask(row["mask_rle"]).shape == (row["height"], row["width"])
+
+
+def missing_line(log: Path) -> str:
+    """The one line an incomplete run ends with."""
+    [line] = [ln for ln in log.read_text().splitlines() if ln.startswith("error:")]
+    assert re.search(r"\d+ of \d+ files (were )?not written \(chunks \d.*\): run again with --resume$", line), line
+    return line
+
+
+@pytest.fixture(scope="module")
+def clean_seconds(cluster: Cluster, model: str, inputs: Path, tmp_path_factory) -> float:
+    """A clean run's wall time on this cluster: the yardstick of the fault runs."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    log = out.parent / "label.log"
+    start = time.monotonic()
+    code = run_cli(cluster, label_command(model, inputs, out), log, bound=1200)
+    seconds = time.monotonic() - start
+    assert code == 0, log.read_text()[-3000:]
+    assert_complete(out, inputs)
+    return seconds
+
+
+def resume_if_incomplete(code: int, cluster: Cluster, model: str, inputs: Path, out: Path, log: Path,
+                         bound: float) -> None:
+    """A failed run names what is missing; `--resume` then completes it."""
+    if code != 0:
+        assert code == 1, log.read_text()[-3000:]
+        missing_line(log)
+        resumed = out.parent / "resume.log"
+        code = run_cli(cluster, label_command(model, inputs, out, "--resume"), resumed, bound)
+        assert code == 0, resumed.read_text()[-3000:]
+    assert_complete(out, inputs)
+
+
+def test_worker_node_lost_mid_run(cluster: Cluster, model: str, inputs: Path, clean_seconds: float,
+                                  tmp_path: Path) -> None:
+    out, log, bound = tmp_path / "out", tmp_path / "label.log", 3 * clean_seconds
+    stall = f"{max(20.0, clean_seconds):.0f}"
+    proc = start_cli(cluster, label_command(model, inputs, out, "--stall-timeout", stall), log)
+    wait_for_parts(proc, out, log, 3, bound)
+    cluster.workers()[0].kill()
+    code = finish(proc, log, bound)
+    cluster.add_worker(WORKER_CPUS)  # the replacement node, as an autoscaler would bring
+    resume_if_incomplete(code, cluster, model, inputs, out, log, bound)
+
+
+ACTOR_TITLES = {"inference": "ray::MapWorker(MapBatches(Infer))", "writer": "ray::MapWorker(MapBatches(ChunkWriter))"}
+
+
+def actor_processes(cluster: Cluster, title: str) -> list[int]:
+    """Processes of the cluster's live nodes whose Ray process title starts with `title`."""
+    return [pid for node in cluster.nodes if node.proc.poll() is None
+            for pid in descendants_titled(node.proc.pid, title)]
+
+
+@pytest.mark.parametrize("victim", ["inference", "writer"])
+def test_actor_killed_mid_run(victim: str, cluster: Cluster, model: str, inputs: Path, clean_seconds: float,
+                              tmp_path: Path) -> None:
+    """An inference actor is restarted by Ray and its batch retried; the writer's
+    buffered rows die with it, so the run ends naming those files, and --resume
+    writes them."""
+    out, log, bound = tmp_path / "out", tmp_path / "label.log", 3 * clean_seconds
+    stall = f"{max(20.0, clean_seconds):.0f}"
+    proc = start_cli(cluster, label_command(model, inputs, out, "--stall-timeout", stall), log)
+    wait_for_parts(proc, out, log, 3, bound)
+    pids = actor_processes(cluster, ACTOR_TITLES[victim])
+    assert pids, f"no {victim} actor among {[command_line(p) for p in actor_processes(cluster, 'ray::')]}"
+    kill(pids[:1])
+    code = finish(proc, log, bound)
+    if victim == "writer":
+        assert code == 1, log.read_text()[-3000:]  # rows it held are gone: the run cannot be complete
+    resume_if_incomplete(code, cluster, model, inputs, out, log, bound)
+
+
+TRAIN_STEPS, TRAIN_EVERY = 40, 5
+SAMPLE = REPO / "tests" / "data" / "train_sample"
+
+
+def train_command(out: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "train", "--data", str(SAMPLE), "--out", str(out),
+            "--name", "run", "--backbone", "vit_tiny_patch16_224", "--weights", "random", "--image-size", "32",
+            "--steps", str(TRAIN_STEPS), "--batch-size", "4", "--checkpoint-every", str(TRAIN_EVERY),
+            "--workers", "2", "--no-gpu"]
+
+
+def test_training_worker_node_lost(cluster: Cluster, tmp_path: Path) -> None:
+    """A clean 2-worker run (one worker per worker node), then a run that loses a worker
+    node after its first complete checkpoint; a replacement node joins at once."""
+    from pipeline.train import COMPLETE_FILE
+
+    clean_log = tmp_path / "clean.log"
+    start = time.monotonic()
+    assert run_cli(cluster, train_command(tmp_path / "clean"), clean_log, bound=1200) == 0, \
+        clean_log.read_text()[-3000:]
+    bound = 3 * (time.monotonic() - start)
+
+    out, log = tmp_path / "runs", tmp_path / "train.log"
+    proc = start_cli(cluster, train_command(out), log)
+    marker = out / "run" / f"checkpoint_{TRAIN_EVERY:08d}" / COMPLETE_FILE
+    deadline = time.monotonic() + bound
+    while not marker.exists():
+        assert proc.poll() is None, f"training ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint in {bound:.0f} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+    cluster.workers()[0].kill()
+    cluster.add_worker(WORKER_CPUS)
+    code = finish(proc, log, bound)
+    if code != 0:
+        rerun = tmp_path / "rerun.log"
+        assert run_cli(cluster, train_command(out), rerun, bound) == 0, rerun.read_text()[-3000:]
+        assert "RESUMING from step" in rerun.read_text()
+    meta = json.loads((out / "run" / "model" / "sempart.json").read_text())
+    assert meta["steps"] == TRAIN_STEPS
+    assert meta["resumed_from"] and meta["resumed_from"][0] >= TRAIN_EVERY, meta["resumed_from"]
