@@ -1,6 +1,6 @@
 """`sempart label`: manifest -> fetch + decode -> model (actor pool) -> masks -> Parquet.
 
-Stages (Ray Data, streaming; see DESIGN.md "Labelling pipeline"):
+Stages (Ray Data, streaming; docs/design.md, "How one image flows"):
   1. chunk descriptors -> the chunk's images (`sources.ChunkSource`: image files by
      manifest rows, a WebDataset shard read as one stream, or rows of Parquet files)
   2. `decode_image`, `prepare_image`; a bad image becomes an error row, never a failed
@@ -221,10 +221,9 @@ def decode_chunks(
     `errors_of_run` (OUT, run id; --retry-errors) only the rows that are errors in the
     chunks' part files.
 
-    One stage with one chunk per task: as two fused stages (read the chunk, then decode
-    with batch_size 16), Ray Data gave each task 16 chunk indices (the larger batch size
-    of the two), so each stage held 16,000 images in one block and the run advanced in a
-    few large waves."""
+    One stage with one chunk per task, so that chunks stream through the run: as two
+    fused stages Ray Data would give each task as many chunks as the larger batch size of
+    the two, and the run would advance in a few large waves (benchmarks/README.md)."""
     lower_priority(nice)
     for chunk in batch.column("chunk").to_pylist():
         samples = source.samples(chunk)
@@ -677,8 +676,8 @@ def build_dataset(
     cpu_stage = {**remote, "memory": DECODE_MEMORY}
     # On CPU the model is the bottleneck and its threads take every core: the light
     # stages run at a lower priority, filling the moments the model leaves idle rather
-    # than stalling its threads (a load of 10 % of one core slowed the model 6.5 % at
-    # equal priority, 1 % at nice 10). On a GPU node decode is the stage to keep fed.
+    # than stalling its threads (measured in benchmarks/README.md, label_throughput).
+    # On a GPU node decode is the stage to keep fed.
     nice = 0 if gpu else CPU_STAGE_NICE
     rows, per_file, run_id = run.rows, run.rows_per_file, run.run_id
     ds = ray.data.from_items([{"chunk": k} for k in pending], override_num_blocks=min(len(pending), 10_000))
@@ -696,17 +695,16 @@ def build_dataset(
         pool, infer_env = ray.data.ActorPoolStrategy(size=actors), env
     else:
         # On CPU the model is nearly all of the work. By default there is one actor per
-        # CPU, each computing with one thread: two 1-thread actors labelled 0.97 s per
-        # image here where one 2-thread actor took 1.05 (its threads wait on each other
-        # whenever anything else takes a core). The actors reserve the CPUs but one
-        # (worker_resources), which the decode/finish tasks need, and compute with as
-        # many threads as they reserve whole CPUs (at least one). Small blocks and one
-        # task in flight per actor give each actor about one batch at a time, so that the
-        # actors share the work evenly to the end of the run.
+        # CPU, each computing with one thread: a multi-threaded actor's threads wait on
+        # each other whenever anything else takes a core (benchmarks/README.md). The
+        # actors reserve the CPUs but one (worker_resources), which the decode/finish
+        # tasks need, and compute with as many threads as they reserve whole CPUs (at
+        # least one). Small blocks and one task in flight per actor give each actor about
+        # one batch at a time, so that the actors share the work evenly to the end.
         pool = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
         ds.context.target_max_block_size = CPU_BLOCK_BYTES
-        # OpenMP threads that sleep rather than spin when another process takes a core
-        # (spinning threads made small ops ~50x slower here when a core was busy).
+        # OpenMP threads that sleep rather than spin when another process takes a core:
+        # spinning threads slow small ops many times over when a core is busy.
         infer_env = {**env, "OMP_WAIT_POLICY": "PASSIVE"}
     ds = ds.map_batches(
         Infer, batch_size=opts.batch_size, batch_format="pyarrow", compute=pool, **infer_resources,
