@@ -233,6 +233,7 @@ def label_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", help="Label only the first N images of the input."),
     image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet input: column of image bytes (binary or struct with 'bytes'; default: image, jpg, img or bytes)."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet input: column of image ids (default: sha1 of the uri)."),
+    decode: Optional[str] = typer.Option(None, "--decode", help="gpu: decode JPEGs in the inference actors, on their device (the CPUs only fetch bytes); cpu: decode with PIL in CPU tasks (default: gpu with --gpu, else cpu)."),
     stall_timeout: float = typer.Option(
         300.0, "--stall-timeout", min=1.0, envvar="SEMPART_STALL_TIMEOUT",
         help="Seconds without any labelled row before the run stops and exits 1, naming what to --resume.",
@@ -253,7 +254,7 @@ def label_cmd(
             LabelOptions(model=model, input=input, out=out, resume=resume, batch_size=batch_size, actors=actors,
                          gpu=gpu, rows_per_file=rows_per_file, limit=limit, retry_errors=retry_errors,
                          max_batch_tokens=max_batch_tokens, image_column=image_column, id_column=id_column,
-                         stall_timeout=stall_timeout)
+                         decode=decode, stall_timeout=stall_timeout)
         )
     except IncompleteRunError as exc:
         fail(str(exc), code=EXIT_PARTIAL)

@@ -135,6 +135,7 @@ class LabelOptions:
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS  # tokens per model call (sempart_core/batching.py)
     image_column: str | None = None  # Parquet input: the column of image bytes (default: detected)
     id_column: str | None = None  # Parquet input: the column of image ids (default: sha1 of uri)
+    decode: str | None = None  # "gpu": decode JPEGs in the inference actor; default: gpu with --gpu, else cpu
     stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # fail when no row reaches the writer for this long
 
     def public(self) -> dict:
@@ -177,12 +178,16 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
 
 
-def decode_sample(sample: sources.Sample, image_size: int, patch: int) -> dict:
-    """Decode and prepare one image; any failure becomes the row's error."""
+def decode_sample(sample: sources.Sample, image_size: int, patch: int, decode: str = "cpu") -> dict:
+    """Decode and prepare one image; any failure becomes the row's error. With decode
+    "gpu" the row carries the encoded bytes (in_h null) for the inference actor."""
     rec = {"uri": sample.uri, "image_id": sample.image_id or image_id_for(sample.uri)}
     try:
         if sample.error is not None:
             raise sample.error
+        if decode == "gpu":
+            rec["pixels"] = sample.data
+            return rec
         rgb = decode_image(sample.data)
         rec.update(height=rgb.shape[0], width=rgb.shape[1])
         prepared = np.ascontiguousarray(prepare_image(rgb, image_size, patch))
@@ -192,12 +197,14 @@ def decode_sample(sample: sources.Sample, image_size: int, patch: int) -> dict:
     return rec
 
 
-def decode_samples(samples: Iterator[sources.Sample], chunk: int, image_size: int, patch: int) -> Iterator[pa.Table]:
+def decode_samples(
+    samples: Iterator[sources.Sample], chunk: int, image_size: int, patch: int, decode: str = "cpu"
+) -> Iterator[pa.Table]:
     """One chunk's samples -> decoded rows, DECODE_BATCH per table, then its end row."""
     out: list[dict] = []
     n = 0
     for sample in samples:
-        out.append({**decode_sample(sample, image_size, patch), "chunk": chunk, "row": n})
+        out.append({**decode_sample(sample, image_size, patch, decode), "chunk": chunk, "row": n})
         n += 1
         if len(out) == DECODE_BATCH:
             yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
@@ -215,7 +222,7 @@ def lower_priority(nice: int) -> None:
 
 def decode_chunks(
     batch: pa.Table, source: sources.ChunkSource, image_size: int, patch: int, nice: int = 0,
-    errors_of_run: tuple[str, str] | None = None,
+    errors_of_run: tuple[str, str] | None = None, decode: str = "cpu",
 ) -> Iterator[pa.Table]:
     """Chunk indices -> decoded rows, DECODE_BATCH images per yielded table. With
     `errors_of_run` (OUT, run id; --retry-errors) only the rows that are errors in the
@@ -229,7 +236,7 @@ def decode_chunks(
         samples = source.samples(chunk)
         if errors_of_run is not None:
             samples = error_samples(samples, chunk, *errors_of_run)
-        yield from decode_samples(samples, chunk, image_size, patch)
+        yield from decode_samples(samples, chunk, image_size, patch, decode)
 
 
 class Infer:
@@ -238,7 +245,7 @@ class Infer:
 
     def __init__(
         self, model: str, model_id: str, device: str, batch_size: int, threads: int | None = None,
-        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, decode: str = "cpu",
     ):
         from sempart_core.artifact import ArtifactError
         from sempart_core.predictor import load_predictor
@@ -250,25 +257,50 @@ class Infer:
         self.predictor = load_predictor(model, device=device, batch_size=batch_size)
         if self.predictor.model_id != model_id:  # rows must carry the model that made them
             raise ArtifactError(f"model {redact(model)} changed since the run started: use a new OUT")
-        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+        self.batch_size, self.max_batch_tokens, self.decode = batch_size, max_batch_tokens, decode
+
+    def decode_on_device(self, rows: list[int], pixels: list, errors: list, sizes: dict[str, list]) -> dict:
+        """decode "gpu": the encoded images of `rows`, decoded and prepared on the model's
+        device (a failure is the row's error, as on the CPU path); row -> image tensor."""
+        from sempart_core.gpu_decode import decode_and_prepare
+
+        images = {}
+        prepared = decode_and_prepare(
+            [pixels[i] for i in rows], self.predictor.config.data.image_size, self.predictor.patch, self.predictor.device
+        )
+        for i, p in zip(rows, prepared):
+            if isinstance(p, Exception):
+                errors[i] = _one_line(p)
+                continue
+            images[i] = p.pixels
+            sizes["in_h"][i], sizes["in_w"][i] = p.pixels.shape[:2]
+            sizes["height"][i], sizes["width"][i] = p.height, p.width
+        return images
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
         from sempart_core.batching import infer_splitting, plan_batches
 
         n, patch = batch.num_rows, self.predictor.patch
         errors = batch.column("error").to_pylist()
-        in_h, in_w = batch.column("in_h").to_pylist(), batch.column("in_w").to_pylist()
-        width, height = batch.column("width").to_pylist(), batch.column("height").to_pylist()
+        sizes = {name: batch.column(name).to_pylist() for name in ("in_h", "in_w", "width", "height")}
+        in_h, in_w, width, height = sizes["in_h"], sizes["in_w"], sizes["width"], sizes["height"]
         pixels = batch.column("pixels").to_pylist()
         probs: list[bytes | None] = [None] * n
         ncuts: list[float | None] = [None] * n
+        encoded = [i for i in range(n) if errors[i] is None and in_h[i] is None and pixels[i] is not None]
+        on_device = self.decode_on_device(encoded, pixels, errors, sizes) if encoded else {}
         todo = [i for i in range(n) if errors[i] is None]
         shapes = [(in_h[i], in_w[i]) for i in todo]
         for part in plan_batches(shapes, patch, self.batch_size, self.max_batch_tokens):
             rows = [todo[j] for j in part]
             h, w = in_h[rows[0]], in_w[rows[0]]
             try:
-                images = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(h, w, 3) for i in rows])
+                if rows[0] in on_device:
+                    images = torch.stack([on_device[i] for i in rows])
+                else:
+                    images = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(h, w, 3) for i in rows])
                 raws = infer_splitting(self.predictor.infer, images, patch, [(width[i], height[i]) for i in rows])
             except Exception as exc:  # noqa: BLE001 - one bad batch, not the block
                 raws = [f"inference failed: {_one_line(exc)}"] * len(rows)
@@ -277,7 +309,9 @@ class Infer:
                     probs[i], ncuts[i] = raw.prob.astype(np.float32).tobytes(), raw.ncut
                 else:  # ImageOutOfMemory, or the batch's error
                     errors[i] = str(raw)
-        table = batch.drop_columns(["pixels", "error"])
+        table = batch.drop_columns(["pixels", "error", *sizes])
+        for name, values in sizes.items():
+            table = table.append_column(name, pa.array(values, pa.int32()))
         table = table.append_column("error", pa.array(errors, pa.string()))
         table = table.append_column("prob", pa.array(probs, pa.large_binary()))
         table = table.append_column("ncut", pa.array(ncuts, pa.float64()))
@@ -679,6 +713,9 @@ def build_dataset(
     # than stalling its threads (measured in benchmarks/README.md, label_throughput).
     # On a GPU node decode is the stage to keep fed.
     nice = 0 if gpu else CPU_STAGE_NICE
+    # With decode "gpu" the CPU tasks only fetch bytes; the inference actor decodes them
+    # on its device (nvJPEG on a GPU, torchvision's decoder on a CPU).
+    decode = opts.decode or ("gpu" if gpu else "cpu")
     rows, per_file, run_id = run.rows, run.rows_per_file, run.run_id
     ds = ray.data.from_items([{"chunk": k} for k in pending], override_num_blocks=min(len(pending), 10_000))
     source = sources.ChunkSource(kind=run.input_kind, manifest=manifest, rows_per_file=per_file, total=rows,
@@ -686,7 +723,7 @@ def build_dataset(
     ds = ds.map_batches(
         decode_chunks, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"source": source, "image_size": cfg.data.image_size, "patch": patch, "nice": nice,
-                   "errors_of_run": (opts.out, run_id) if retry else None},
+                   "errors_of_run": (opts.out, run_id) if retry else None, "decode": decode},
         **cpu_stage,
     )
     per_actor, threads = worker_resources(actors, gpu)
@@ -710,7 +747,7 @@ def build_dataset(
         Infer, batch_size=opts.batch_size, batch_format="pyarrow", compute=pool, **infer_resources,
         fn_constructor_kwargs={"model": opts.model, "model_id": art.model_id, "device": "cuda" if gpu else "cpu",
                                "batch_size": opts.batch_size, "threads": threads,
-                               "max_batch_tokens": opts.max_batch_tokens},
+                               "max_batch_tokens": opts.max_batch_tokens, "decode": decode},
         **({"runtime_env": {"env_vars": infer_env}} if infer_env else {}),
     )
     ds = ds.map_batches(
@@ -816,6 +853,8 @@ def run_label(opts: LabelOptions) -> LabelSummary:
         raise LabelUsageError("--batch-size, --rows-per-file and --actors must be >= 1, --limit >= 0")
     if opts.max_batch_tokens < 1:
         raise LabelUsageError(f"--max-batch-tokens must be >= 1, got {opts.max_batch_tokens}")
+    if opts.decode not in (None, "gpu", "cpu"):
+        raise LabelUsageError(f"--decode takes gpu or cpu, not {opts.decode!r}")
     if opts.retry_errors and not opts.resume:
         raise LabelUsageError("--retry-errors relabels the error rows of the run in OUT: add --resume")
     art = read_artifact_info(opts.model)  # sempart.json only: the driver needs no torch
