@@ -1,10 +1,15 @@
 """Shared fixtures: a local S3 endpoint (moto's standalone server) and fresh buckets."""
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
+
+# A raylet may take longer than Ray's default 30 s to register on a busy 2-core machine;
+# local Ray instances of the tests (and their `sempart` subprocesses) wait longer.
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
