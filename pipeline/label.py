@@ -57,7 +57,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import manifest as manifests
-from pipeline import sources
+from pipeline import sources, storage
 from pipeline.cluster import init_ray, worker_resources
 from pipeline.schema import LABELS_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, image_id_for
 from pipeline.storage import pyarrow_filesystem, redact, s3_env
@@ -533,6 +533,7 @@ class LabelRun:
     images_per_s: float | None = None
     last_config: dict | None = None
     retries: list[RetryRecord] = field(default_factory=list)
+    s3_retries: int = 0  # S3 requests the driver's boto3/s3fs clients retried (pyarrow's are not counted)
     record_version: int = RUN_RECORD_VERSION
 
     @property
@@ -848,7 +849,7 @@ def run_label(opts: LabelOptions) -> LabelSummary:
     retry_errors, then label the error rows of its part files again)."""
     from sempart_core.artifact import read_artifact_info
 
-    t0 = time.perf_counter()
+    t0, s3_retries_before = time.perf_counter(), storage.retries()
     if opts.batch_size < 1 or (opts.rows_per_file or 1) < 1 or (opts.actors or 1) < 1 or (opts.limit or 0) < 0:
         raise LabelUsageError("--batch-size, --rows-per-file and --actors must be >= 1, --limit >= 0")
     if opts.max_batch_tokens < 1:
@@ -913,6 +914,7 @@ def run_label(opts: LabelOptions) -> LabelSummary:
     )
     run.status, run.counts, run.finished_at = "finished", counts, _now()
     run.invocations += 1
+    run.s3_retries += storage.retries() - s3_retries_before
     if labelled or run.timings is None:  # throughput of the last invocation that labelled
         run.timings, run.labelled_last = summary.timings, labelled
         run.images_per_s, run.last_config = round(summary.images_per_s, 3), opts.public()

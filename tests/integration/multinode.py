@@ -10,28 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from processes import command_line, kill, process_tree
+from processes import command_line, free_ports, kill, process_tree
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports nobody listens on now (held open together so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def base_env() -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 
 
@@ -47,3 +48,22 @@ def kill(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids other than this one whose command line contains `text` (e.g. a private
+    temp folder that only one test's processes name)."""
+    pids = [int(p.name) for p in Path("/proc").glob("[0-9]*")]
+    return [pid for pid in pids if pid != os.getpid() and text in command_line(pid)]
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nobody listens on now (held open together so they differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from processes import free_ports, processes_mentioning
 
 
 pytestmark = pytest.mark.integration
@@ -33,30 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / "infra" / "local"
 # Keep the uploaded working dir small: only the code the job imports travels.
 EXCLUDES = [".git", ".venv", "demo-work", "tests", "docs", "benchmarks", "infra", "**/__pycache__", "*.egg-info"]
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports nobody listens on now (held open together so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Pids whose command line contains `text` (Linux /proc)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return [pid for pid in found if pid != os.getpid()]
 
 
 def alive(pid: int) -> bool:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,51 +20,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from processes import free_ports, kill, process_tree, processes_mentioning
 
 from pipeline.cluster import ClusterUnreachableError, check_reachable
 
 pytestmark = pytest.mark.integration
 SEMPART = [sys.executable, "-m", "pipeline.cli"]
 HANG_BOUND_S = 600  # a hung run would be killed here and fail the test; a good one takes well under
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def processes_under(text: str) -> set[int]:
-    """Pids whose command line mentions `text` (our unique temp folder), and their
-    descendants (Linux /proc)."""
-    parents, found = {}, set()
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if text in cmdline:
-            found.add(int(proc.name))
-    grew = True
-    while grew:
-        children = {pid for pid, ppid in parents.items() if ppid in found} - found
-        found |= children
-        grew = bool(children)
-    return found - {os.getpid()}
-
-
-def kill_all(pids: set[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture
@@ -76,7 +36,7 @@ def ray_tmp() -> Iterator[Path]:
     try:
         yield folder
     finally:
-        kill_all(processes_under(str(folder)))
+        kill(sorted({pid for p in processes_mentioning(str(folder)) for pid in process_tree(p)} - {os.getpid()}))
         shutil.rmtree(folder, ignore_errors=True)
 
 
