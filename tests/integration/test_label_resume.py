@@ -197,7 +197,7 @@ def test_sigkill_then_resume_shards_and_parquet_on_s3(kind: str, s3_bucket: str,
     n_chunks = len(groups) if kind == "shards" else len(samples) // ROWS_PER_FILE
     log = tmp_path / "label.log"
 
-    at_kill = kill_at_first_part(label_process(args, log), store, log)
+    at_kill = kill_at_first_part(label_process(args, log), store, log, timeout=600)
     assert 1 <= len(at_kill) < n_chunks, "the kill should land before the run finishes"
     interrupted = store.parts("out")
     spec = importlib.util.spec_from_file_location("label_job", REPO / "jobs" / "label_job.py")
