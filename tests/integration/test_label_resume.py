@@ -185,7 +185,7 @@ def test_sigkill_then_resume_shards_and_parquet_on_s3(kind: str, s3_bucket: str,
     ray_session.data.DataContext.get_current().enable_progress_bars = False
     store = S3Store(s3_bucket)
     samples = [(f"{i:05d}", jpeg(i)) for i in range(N_IMAGES // 2)]
-    per_file = 4 if kind == "shards" else 8
+    per_file = 2 if kind == "shards" else 8  # samples per shard or per Parquet file
     groups = [samples[i : i + per_file] for i in range(0, len(samples), per_file)]
     for g, group in enumerate(groups):
         body = tar_shard(group) if kind == "shards" else parquet_file(group)
@@ -197,7 +197,7 @@ def test_sigkill_then_resume_shards_and_parquet_on_s3(kind: str, s3_bucket: str,
     n_chunks = len(groups) if kind == "shards" else len(samples) // ROWS_PER_FILE
     log = tmp_path / "label.log"
 
-    at_kill = kill_at_first_part(label_process(args, log), store, log)
+    at_kill = kill_at_first_part(label_process(args, log), store, log, timeout=600)
     assert 1 <= len(at_kill) < n_chunks, "the kill should land before the run finishes"
     interrupted = store.parts("out")
     spec = importlib.util.spec_from_file_location("label_job", REPO / "jobs" / "label_job.py")
