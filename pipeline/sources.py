@@ -478,10 +478,12 @@ class ImageReader:
             return self._parquet_cell(*source)
 
     def run(self) -> dict:
+        """The run record of OUT (`label.LabelRun` as a dict; empty without one)."""
         if self._run is None:
             from pipeline.label import find_run  # label imports this module
 
-            self._run = (find_run(self.out) if self.out else None) or {}
+            found = find_run(self.out) if self.out else None
+            self._run = found.to_dict() if found is not None else {}
         return self._run
 
     def _manifest(self) -> str | None:
