@@ -180,9 +180,10 @@ def actor_processes(cluster: Cluster, title: str) -> list[int]:
 @pytest.mark.parametrize("victim", ["inference", "writer"])
 def test_actor_killed_mid_run(victim: str, cluster: Cluster, model: str, inputs: Path, clean_seconds: float,
                               tmp_path: Path) -> None:
-    """An inference actor is restarted by Ray and its batch retried; the writer's
-    buffered rows die with it, so the run ends naming those files, and --resume
-    writes them."""
+    """An inference actor is restarted by Ray and its batch retried. A killed writer
+    loses the rows it buffered unless Ray Data sends them again to its restarted actor:
+    the run either completes, or ends naming the unwritten files and --resume writes
+    them; either way every input is in the table exactly once."""
     out, log, bound = tmp_path / "out", tmp_path / "label.log", 3 * clean_seconds
     stall = f"{max(20.0, clean_seconds):.0f}"
     proc = start_cli(cluster, label_command(model, inputs, out, "--stall-timeout", stall), log)
@@ -191,8 +192,6 @@ def test_actor_killed_mid_run(victim: str, cluster: Cluster, model: str, inputs:
     assert pids, f"no {victim} actor among {[command_line(p) for p in actor_processes(cluster, 'ray::')]}"
     kill(pids[:1])
     code = finish(proc, log, bound)
-    if victim == "writer":
-        assert code == 1, log.read_text()[-3000:]  # rows it held are gone: the run cannot be complete
     resume_if_incomplete(code, cluster, model, inputs, out, log, bound)
 
 
@@ -229,10 +228,11 @@ def test_training_worker_node_lost(cluster: Cluster, tmp_path: Path) -> None:
     cluster.workers()[0].kill()
     cluster.add_worker(WORKER_CPUS)
     code = finish(proc, log, bound)
-    if code != 0:
+    if code != 0:  # gave up: the rerun resumes from the newest complete checkpoint
         rerun = tmp_path / "rerun.log"
         assert run_cli(cluster, train_command(out), rerun, bound) == 0, rerun.read_text()[-3000:]
         assert "RESUMING from step" in rerun.read_text()
     meta = json.loads((out / "run" / "model" / "sempart.json").read_text())
     assert meta["steps"] == TRAIN_STEPS
-    assert meta["resumed_from"] and meta["resumed_from"][0] >= TRAIN_EVERY, meta["resumed_from"]
+    if code != 0:
+        assert meta["resumed_from"] and meta["resumed_from"][0] >= TRAIN_EVERY, meta["resumed_from"]

@@ -33,6 +33,7 @@ def test_pipeline_ceiling_quick(tmp_path: Path) -> None:
 
 
 def test_gpu_check_cpu_mode(tmp_path: Path) -> None:
+    assert "gpu_check.py" in (REPO / "benchmarks" / "gpu_check.sh").read_text()  # the steps run there
     env = {**os.environ, "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", "--work", str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

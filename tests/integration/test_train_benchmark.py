@@ -35,7 +35,8 @@ def test_train_throughput_compares_ray_train_with_a_plain_loop(ray_session, caps
     out = capsys.readouterr().out
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["ours_ips"] > 0 and figures["baseline_ips"] > 0
-    assert figures["ratio"] == pytest.approx(figures["ours_ips"] / figures["baseline_ips"], rel=0.01)
+    # the JSON rounds the ratio to 3 decimals
+    assert figures["ratio"] == pytest.approx(figures["ours_ips"] / figures["baseline_ips"], rel=0.01, abs=5e-4)
     assert figures["workers"] == 1 and figures["device"].startswith("CPU")
     assert ", 4 images," in out  # from the repository's sample, the default
     assert ray_session.is_initialized()  # the caller's Ray is left running

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.label import ChunkWriter, decode_samples, finish_batch, part_name
+from pipeline.label import PROGRESS_ROW, ChunkWriter, decode_samples, finish_batch, part_name
 from pipeline.sources import Sample
 from sempart_core.config import PostConfig
 
@@ -32,7 +32,9 @@ def test_chunks_complete_on_end_row_and_all_rows(tmp_path: Path) -> None:
             end_rows.setdefault(b.column("chunk")[0].as_py(), i)
     written = {}
     for i, batch in enumerate(batches):
-        for rec in writer(batch).to_pylist():
+        summary = writer(batch).to_pylist()
+        assert summary[-1] == {"chunk": PROGRESS_ROW, "rows": batch.num_rows, "ok": 0, "empty": 0, "error": 0}
+        for rec in summary[:-1]:
             assert rec["chunk"] not in written  # once
             assert i >= end_rows[rec["chunk"]]  # never before its end row
             written[rec["chunk"]] = rec
