@@ -6,7 +6,7 @@ Why tau = 0.8 here: a random ViT's patch features are far more alike than DINO's
 nearly every pair is linked and even the true object partition has an ncut near 0.8,
 barely better than the trivial split. At tau = 0.8 the true partition's ncut is about
 0.04 and the normalised cut points at the object. With pretrained DINO features the
-default tau = 0.2 applies (SEMPART.md section 2).
+default tau = 0.2 applies (docs/method.md, "Semantic graph").
 """
 import numpy as np
 import pytest
