@@ -6,7 +6,6 @@ the pipeline, not mask quality.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from pipeline.storage import pyarrow_s3
 from sempart_core.images import decode_image
 from sempart_core.postprocess import rle_to_mask
 from sempart_core.predictor import load_predictor
+from scripts import load_script
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -240,17 +240,10 @@ def test_uri_list_input_and_limit(labelled, model: str, tmp_path: Path) -> None:
     assert len(list((out / "_manifests").glob("*.parquet"))) == 1  # the list, as this run's manifest
 
 
-def load_job_module():
-    spec = importlib.util.spec_from_file_location("label_job", REPO / "jobs" / "label_job.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_job_config_example_uses_label_option_names() -> None:
     import typer
 
-    defaults = load_job_module().load_defaults(str(REPO / "jobs" / "configs" / "label.yaml"))
+    defaults = load_script(REPO / "jobs" / "label_job.py", "label_job").load_defaults(str(REPO / "jobs" / "configs" / "label.yaml"))
     options = {p.name for p in typer.main.get_command(app).commands["label"].params}
     assert defaults and set(defaults) <= options
 
@@ -269,7 +262,7 @@ def test_s3_input_and_output_through_the_job(s3_bucket: str, ray_session, model:
     config.write_text(yaml.safe_dump({"model": model, "input": f"{s3_bucket}/in", "rows-per-file": 2,
                                       "batch_size": 4, "gpu": False}))
     with pytest.raises(SystemExit) as exit_info:
-        load_job_module().main(["--config", str(config), "--out", f"{s3_bucket}/labels"])
+        load_script(REPO / "jobs" / "label_job.py", "label_job").main(["--config", str(config), "--out", f"{s3_bucket}/labels"])
     assert exit_info.value.code == 0
 
     fs = pyarrow_s3()

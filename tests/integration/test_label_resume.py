@@ -5,7 +5,6 @@ every input is in the readable table exactly once. Locally and with input and ou
 on S3 (moto server)."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import signal
@@ -22,6 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from scripts import load_script
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -200,9 +200,7 @@ def test_sigkill_then_resume_shards_and_parquet_on_s3(kind: str, s3_bucket: str,
     at_kill = kill_at_first_part(label_process(args, log), store, log, timeout=600)
     assert 1 <= len(at_kill) < n_chunks, "the kill should land before the run finishes"
     interrupted = store.parts("out")
-    spec = importlib.util.spec_from_file_location("label_job", REPO / "jobs" / "label_job.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_script(REPO / "jobs" / "label_job.py", "label_job")
     with pytest.raises(SystemExit) as exit_info:
         job.main(args[1:] + ["--resume"])
     assert exit_info.value.code == 0

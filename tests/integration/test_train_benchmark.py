@@ -3,32 +3,22 @@ figures (no timing asserts: the figures are the benchmark's job). It runs in thi
 process on the session's Ray, which the script uses when one is running."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+
+from scripts import load_script
 
 pytestmark = pytest.mark.integration
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
 
 
-def load_bench() -> ModuleType:
-    """benchmarks/ is a folder of scripts, not a package: import the file by path."""
-    spec = importlib.util.spec_from_file_location("train_throughput_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_train_throughput_compares_ray_train_with_a_plain_loop(ray_session, capsys) -> None:
     threads = torch.get_num_threads()
     try:
-        load_bench().main(["--quick", "--steps", "3", "--warmup", "1", "--n-images", "4", "--image-size", "32",
+        load_script(BENCH, "train_throughput_bench").main(["--quick", "--steps", "3", "--warmup", "1", "--n-images", "4", "--image-size", "32",
                            "--batch-size", "2", "--no-gpu"])
     finally:
         torch.set_num_threads(threads)  # the baseline sets the Ray worker's thread count

@@ -1,11 +1,8 @@
 """benchmarks/latency.py runs end to end at its smallest settings (no timing asserts)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -15,6 +12,7 @@ from PIL import Image
 from sempart_core.graph import affinity
 from sempart_core.synthetic import synthetic_scene
 from sempart_core.tokencut import fiedler_vector
+from scripts import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "latency.py"
 KEYS = {
@@ -25,16 +23,7 @@ KEYS = {
 }
 
 
-def _load_bench() -> ModuleType:
-    """benchmarks/ is a folder of scripts, not a package: import the file by path."""
-    spec = importlib.util.spec_from_file_location("latency_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-latency = _load_bench()
+latency = load_script(BENCH, "latency_bench")
 
 
 def test_main_ends_with_json_line_of_figures(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -2,13 +2,13 @@
 backbone, and small VOC and COCO sets in their release layouts."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from scripts import load_script
 from PIL import Image
 
 from tests.unit.test_annotations import write_coco, write_voc
@@ -17,15 +17,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
 DATA = Path(__file__).resolve().parents[1] / "data" / "duts-te"
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("quality_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load_bench()
+quality = load_script(BENCH, "quality_bench")
 
 
 def mask_box(stem: str) -> list[float]:
