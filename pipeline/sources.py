@@ -24,13 +24,11 @@ image back from any of them.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -38,7 +36,7 @@ import pyarrow.parquet as pq
 
 from pipeline import manifest as manifests
 from pipeline.schema import image_id_for
-from pipeline.storage import is_s3, pyarrow_filesystem, pyarrow_s3, redact
+from pipeline.storage import pyarrow_filesystem, redact
 from sempart_core import uri as uris
 
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
@@ -89,28 +87,16 @@ class Sample:
 # ---------------------------------------------------------------- bytes by URI
 
 
-@functools.lru_cache(maxsize=1)
-def _s3_fs() -> pafs.S3FileSystem:
-    return pyarrow_s3()  # one client per worker process, not per image
-
-
-def _fs_path(uri: str) -> tuple[pafs.FileSystem, str]:
-    if is_s3(uri):
-        parsed = urlparse(uri)
-        return _s3_fs(), f"{parsed.netloc}{parsed.path}"
-    return pyarrow_filesystem(uri)
-
-
 def fetch_bytes(uri: str) -> bytes:
     """The object's bytes, through pyarrow (local path, file:// or s3://)."""
-    fs, path = _fs_path(uri)
+    fs, path = pyarrow_filesystem(uri)  # S3: the process's cached client
     with fs.open_input_stream(path) as f:
         return f.read()
 
 
 def fetch_range(uri: str, offset: int, size: int) -> bytes:
     """`size` bytes at `offset` of the object: one ranged read."""
-    fs, path = _fs_path(uri)
+    fs, path = pyarrow_filesystem(uri)  # S3: the process's cached client
     with fs.open_input_file(path) as f:
         return f.read_at(size, offset)
 
@@ -277,7 +263,7 @@ def _cell_bytes(value: bytes | dict | None) -> bytes:
 def read_parquet_rows(file: str, rows: list[int], column: str) -> list[bytes | dict | None]:
     """The `column` cells of `rows` (sorted) of one Parquet file, reading only the row
     groups that hold them."""
-    fs, path = _fs_path(file)
+    fs, path = pyarrow_filesystem(file)
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         cells, start, want = [], 0, iter(rows)
@@ -367,7 +353,7 @@ def shard_samples(shard: str, members_out: str) -> Iterator[Sample]:
     key, members, image = None, [], None
     broken: Exception | None = None
     try:
-        fs, path = _fs_path(shard)
+        fs, path = pyarrow_filesystem(shard)
         with fs.open_input_stream(path, buffer_size=STREAM_BUFFER) as raw:
             reader = _TailReader(raw)
             with tarfile.open(fileobj=reader, mode="r|") as tar:
