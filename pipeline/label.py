@@ -60,7 +60,7 @@ from pipeline import manifest as manifests
 from pipeline import sources, storage
 from pipeline.cluster import init_ray, worker_resources
 from pipeline.schema import LABELS_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, image_id_for
-from pipeline.storage import pyarrow_filesystem, redact, s3_env
+from pipeline.storage import atomic_local_file, pyarrow_filesystem, redact, s3_env
 from sempart_core import uri as uris
 from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
 from sempart_core.config import PostConfig
@@ -350,13 +350,8 @@ def write_part(table: pa.Table, out: str, name: str) -> None:
     """Write one file so that readers see all of it or nothing (see module doc)."""
     fs, root = pyarrow_filesystem(out)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(f"{root}/_tmp", exist_ok=True)
-        tmp = f"{root}/_tmp/{name}.{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
+        with atomic_local_file(f"{root}/{name}", tmp_dir=f"{root}/_tmp") as f:
             pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, f"{root}/{name}")
     else:
         pq.write_table(table, f"{root}/{name}", filesystem=fs, compression="zstd")
 

@@ -44,4 +44,4 @@ def test_chunks_complete_on_end_row_and_all_rows(tmp_path: Path) -> None:
         table = pq.read_table(tmp_path / part_name("run", chunk))
         assert table.column("image_id").to_pylist() == [f"{chunk}-{i}" for i in range(n)]  # in order, no end row
         assert set(table.column("status").to_pylist()) <= {"error"}
-    assert not list(tmp_path.glob("_tmp/*"))
+    assert not list((tmp_path / "_tmp").iterdir())  # no temporary file left, hidden ones included
