@@ -94,9 +94,16 @@ def test_dead_ray_address_fails_fast_with_one_line(ray_tmp: Path, model: str, tm
 def test_auto_resolves_to_the_recorded_cluster_and_fails_when_it_is_gone(
     ray_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """RAY_ADDRESS=auto joins what Ray recorded last: checked like any address."""
+    """RAY_ADDRESS=auto joins what Ray recorded last: checked like any address.
+
+    Ray's legacy 'auto' rule prefers the one running GCS process it finds on the machine
+    over the record; this suite's shared local Ray may be that process, so the scan is
+    made to see none, as on a machine where only the dead cluster was ever started."""
+    import ray._private.services as ray_services
+
     port = stale_record(ray_tmp).rsplit(":", 1)[1]
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_services, "find_gcs_addresses", lambda: [])
     with pytest.raises(ClusterUnreachableError, match=rf"answers at [0-9.]+:{port} "):
         check_reachable("auto")
