@@ -7,6 +7,22 @@ nearly every pair is linked and even the true object partition has an ncut near 
 barely better than the trivial split. At tau = 0.8 the true partition's ncut is about
 0.04 and the normalised cut points at the object. With pretrained DINO features the
 default tau = 0.2 applies (docs/method.md, "Semantic graph").
+
+Why image-TV weight 30, 16 fine channels and lr 1e-3: at the default weight 1 the
+image-graph TV term is ~3e-4 against an ncut of ~0.1, so nothing ties the fine map to
+the image's edges, and at lr 2e-3 training sometimes fell back from the object cut onto
+a plateau (ncut ~0.25). Then the result depended on rounding: with 32 channels, TV
+weight 1 and lr 2e-3 this test gave 0.718 on one machine and 0.674 on another, and with
+lr 2e-3 seed 0 gave 0.875 with one torch thread and 0.645 with two. With this config
+(AMD EPYC, AVX-512, 2026-11-28; seed = model init, batch order and torch seed; fine-mask
+IoU on 32 unseen scenes):
+
+    seed          0      1      2
+    1 thread    0.819  0.829  0.877
+    2 threads   0.810  0.827  0.851
+
+every one >= 0.81, so the 0.75 bound has a margin of 0.06 that no kernel's rounding
+moved here (the largest change between thread counts was 0.026).
 """
 import numpy as np
 import pytest
@@ -21,9 +37,10 @@ from sempart_core.training import fit, random_batches
 LEARNING_CONFIG = {
     "backbone": {"name": "vit_tiny_patch16_224", "weights": "random"},
     "graph": {"tau": 0.8},
-    "loss": {"border": 0.1},
+    "model": {"fine_channels": 16},
+    "loss": {"border": 0.1, "itv": 30.0},
     "data": {"image_size": 128, "crop_scale": 1.0, "color_jitter": 0.1, "grayscale_p": 0.0},
-    "train": {"lr": 2e-3, "batch_size": 8, "steps": 400, "warmup_steps": 20},
+    "train": {"lr": 1e-3, "batch_size": 8, "steps": 400, "warmup_steps": 20},
 }
 
 
@@ -42,4 +59,4 @@ def test_training_reaches_iou_on_unseen_synthetic_scenes():
     history = fit(backbone, heads, random_batches(train_images, cfg, backbone.patch_size), cfg)
     assert history[-1]["ncut"] < history[0]["ncut"]
     trained = mean_iou(Predictor(backbone, heads, cfg).predict(test_images), test_masks)
-    assert trained >= 0.7, f"fine-mask IoU {trained:.3f} (untrained {untrained:.3f})"
+    assert trained >= 0.75, f"fine-mask IoU {trained:.3f} (untrained {untrained:.3f})"
