@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
+from cli_args import ONE_ACTOR
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -111,7 +112,7 @@ def labelled(tmp_path_factory, model: str, ray_session):
     (images / "deleted.png").unlink()
     out = root / "out"
     result = CliRunner().invoke(app, ["label", "--model", model, "--input", manifest, "--out", str(out),
-                                      "--rows-per-file", "4", "--batch-size", "3", "--no-gpu"])
+                                      "--rows-per-file", "4", "--batch-size", "3", "--no-gpu", *ONE_ACTOR])
     return {"out": out, "images": images, "expect": expect, "result": result, "manifest": manifest}
 
 
@@ -233,7 +234,7 @@ def test_uri_list_input_and_limit(labelled, model: str, tmp_path: Path) -> None:
     listing.write_text(f"# three images\n{images}/good_0.png\n\n{relative}\n{images}/good_2.png\n")
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["label", "--model", model, "--input", str(listing), "--out", str(out),
-                                      "--limit", "2", "--no-gpu"])
+                                      "--limit", "2", "--no-gpu", *ONE_ACTOR])
     assert result.exit_code == 0, result.output
     rows = table_rows(out)
     assert sorted(r["uri"] for r in rows) == [f"{images}/good_0.png", f"{images}/good_1.png"]

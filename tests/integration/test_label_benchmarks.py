@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_args import ONE_ACTOR
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +32,7 @@ def test_label_throughput_compares_both_sides() -> None:
 
 
 def test_label_scale_records_memory_for_both_sizes(tmp_path: Path) -> None:
-    figures = run_bench("label_scale.py", "--sizes", "20", "40", "--cache", str(tmp_path))
+    figures = run_bench("label_scale.py", "--sizes", "20", "40", "--cache", str(tmp_path), "--", *ONE_ACTOR)
     for n in ("0.02k", "0.04k"):  # keys name the sizes in thousands
         assert 100 < figures[f"driver_peak_rss_mb_{n}"] < 10_000
         assert figures[f"workers_peak_rss_mb_{n}"] > 0 and figures[f"ips_{n}"] > 0

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from cli_args import ONE_ACTOR
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -48,7 +49,7 @@ def test_gpu_decode_path_on_cpu_matches_pil_path(tmp_path: Path, model: str, ray
     for decode in ("cpu", "gpu"):
         out = tmp_path / decode
         result = CliRunner().invoke(app, ["label", "--model", model, "--input", str(images), "--out", str(out),
-                                          "--no-gpu", "--decode", decode, "--batch-size", "3"])
+                                          "--no-gpu", "--decode", decode, "--batch-size", "3", *ONE_ACTOR])
         assert result.exit_code == 1, result.output  # the three bad files are error rows
         tables[decode] = {row["uri"].rsplit("/", 1)[-1]: row for row in pq.read_table(out).to_pylist()}
 

@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from cli_args import ONE_ACTOR
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -165,7 +166,7 @@ def check_table(rows: list[dict], expect: dict[str, dict], model: str, out: str)
 
 def label(model: str, store: Store, *extra: str):
     return CliRunner().invoke(app, ["label", "--model", model, "--input", store.uri("in"), "--out",
-                                    store.uri("out"), "--batch-size", "3", "--no-gpu", *extra])
+                                    store.uri("out"), "--batch-size", "3", "--no-gpu", *ONE_ACTOR, *extra])
 
 
 def test_webdataset_shards(store: Store, model: str, tmp_path: Path) -> None:
@@ -203,7 +204,7 @@ def test_parquet_image_bytes(store: Store, model: str, tmp_path: Path) -> None:
         return  # the rest reads the input like the local run does
     other = tmp_path / "explicit"  # --image-column named, ids from the uri
     explicit = CliRunner().invoke(app, ["label", "--model", model, "--input", expect["p4"]["uri"].split("#")[0],
-                                        "--out", str(other), "--image-column", "image", "--no-gpu"])
+                                        "--out", str(other), "--image-column", "image", "--no-gpu", *ONE_ACTOR])
     assert explicit.exit_code == 0, explicit.output
     assert sorted(r["image_id"] for r in pq.read_table(other).to_pylist()) == sorted(
         image_id_for(expect[k]["uri"]) for k in ("p4", "p5", "p6"))

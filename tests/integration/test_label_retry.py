@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from cli_args import ONE_ACTOR
 from test_label_resume import LocalStore, S3Store, kill_session, label_process
 from typer.testing import CliRunner
 
@@ -73,7 +74,7 @@ def check_table(rows: list[dict], expected_uris: list[str]) -> None:
 
 def label(store, manifest: str, model: str, *extra: str):
     args = ["label", "--model", model, "--input", manifest, "--out", store.uri("out"), "--rows-per-file", "3",
-            "--batch-size", "4", "--no-gpu", *extra]
+            "--batch-size", "4", "--no-gpu", *ONE_ACTOR, *extra]
     return CliRunner().invoke(app, args)
 
 
@@ -150,7 +151,7 @@ def test_retry_killed_midway_then_rerun(model: str, tmp_path: Path, ray_session)
     for i in range(0, n, per_file):  # one error in every file
         remove(store, f"in/img_{i:02d}.png")
     args = ["label", "--model", model, "--input", manifest, "--out", store.uri("out"), "--rows-per-file",
-            str(per_file), "--batch-size", "2", "--no-gpu"]
+            str(per_file), "--batch-size", "2", "--no-gpu", *ONE_ACTOR]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 1 and f"error {n // per_file}" in first.output, first.output
     for i in range(0, n, per_file):

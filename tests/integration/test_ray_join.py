@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from cli_args import ONE_ACTOR
 from processes import free_ports, kill, process_tree, processes_mentioning
 
 from pipeline.cluster import ClusterUnreachableError, check_reachable
@@ -71,7 +72,7 @@ def test_stale_record_neither_hangs_a_label_run_nor_is_joined(ray_tmp: Path, mod
     out = tmp_path / "labels"
     run = subprocess.run(
         [*SEMPART, "label", "--model", model, "--input", str(images(tmp_path / "in", 3)), "--out", str(out),
-         "--no-gpu"],
+         "--no-gpu", *ONE_ACTOR],
         env=env_for(ray_tmp), capture_output=True, text=True, timeout=HANG_BOUND_S,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -82,7 +83,7 @@ def test_dead_ray_address_fails_fast_with_one_line(ray_tmp: Path, model: str, tm
     [port] = free_ports(1)
     run = subprocess.run(
         [*SEMPART, "label", "--model", model, "--input", str(images(tmp_path / "in", 2)),
-         "--out", str(tmp_path / "labels"), "--no-gpu"],
+         "--out", str(tmp_path / "labels"), "--no-gpu", *ONE_ACTOR],
         env=env_for(ray_tmp, RAY_ADDRESS=f"127.0.0.1:{port}"), capture_output=True, text=True, timeout=HANG_BOUND_S,
     )
     assert run.returncode == 2, run.stderr[-3000:]

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from cli_args import ONE_ACTOR
 from s3_fault_proxy import NO_FAULTS, FaultProxy, Faults
 from typer.testing import CliRunner
 
@@ -183,7 +184,7 @@ def test_s3_anon_reads_a_public_bucket(s3_endpoint: str, s3_bucket: str, client,
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         out = tmp_path / "labels"
         result = CliRunner().invoke(app, ["label", "--model", f"{s3_bucket}/model", "--input", f"{s3_bucket}/public",
-                                          "--out", str(out), "--s3-anon", "--rows-per-file", "3", "--no-gpu"])
+                                          "--out", str(out), "--s3-anon", "--rows-per-file", "3", "--no-gpu", *ONE_ACTOR])
     assert result.exit_code == 0, result.output
     assert proxy.counts["requests"] > 6  # listing, model files, one or more per image
     assert proxy.counts["signed"] == 0, proxy.counts
