@@ -80,6 +80,7 @@ COUNTS_KEY = b"sempart_counts"  # per-file status counts in the Parquet footer
 ATTEMPTS_KEY = b"sempart_attempts"  # image_id -> attempts, for the rows labelled again (--retry-errors)
 STATUSES = ("ok", "empty", "error")
 PROGRESS_EVERY_S = 10.0
+STREAM_STOP_GRACE_S = 5.0  # after a stall, how long the driver waits for the stopped pipeline
 DEFAULT_STALL_TIMEOUT_S = 300.0
 PROGRESS_ROW = -1  # the chunk of the writer's per-batch row: rows taken, none written yet
 DECODE_MEMORY = 2**30  # bytes reserved per decode task (see build_dataset)
@@ -809,7 +810,10 @@ def consume(ds: ray.data.Dataset, pending: list[int], counts: dict[str, int], st
                 batch = events.get(timeout=stall_timeout)
             except queue.Empty:
                 _stop(ds)
-                stream.join(timeout=30)
+                # A short grace for the stream to end with the executor; a stalled iterator
+                # may never return, and its thread is a daemon. Files written meanwhile
+                # are on storage, where --resume looks.
+                stream.join(timeout=STREAM_STOP_GRACE_S)
                 missing = sorted(set(pending) - written)
                 raise IncompleteRunError(
                     f"no progress for {stall_timeout:g} s (--stall-timeout): {len(missing)} of {len(pending)} "
