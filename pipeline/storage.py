@@ -7,21 +7,18 @@ that Ray workers started later, and `s3_env()` forwarded to them, build the same
 clients. pyarrow ignores AWS_ENDPOINT_URL, so its S3FileSystem is built here
 explicitly and passed to every Ray read/write and to Ray Train.
 
-A run resolves each of its roots once (`Root.of(uri)`) and joins paths onto it, instead
-of resolving a URI in every helper; clients are cached per process and settings, so
-each process opens one S3 client (and its connection pool) per configuration.
+Helpers resolve the URIs they are given with `pyarrow_filesystem`; clients are cached
+per process and settings, so resolving is a parse, and each process opens one S3 client
+(and its connection pool) per configuration.
 """
 from __future__ import annotations
 
 import functools
 import os
-import posixpath
-from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from sempart_core import uri as uris
 from sempart_core.s3settings import ENV_VARS as S3_ENV_VARS
 from sempart_core.s3settings import S3Settings, retries  # noqa: F401  (retries: re-export)
 from sempart_core.uri import atomic_local_file  # noqa: F401  (re-export)
@@ -100,30 +97,3 @@ def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     raise ValueError(f"unsupported URI scheme {parsed.scheme!r} in {redact(uri)}: use a path, file:// or s3://")
 
 
-@dataclass(frozen=True)
-class Root:
-    """A URI resolved once: its pyarrow file system, the path inside it, and the URI.
-
-    `Root.of(out)` at the start of a run, then `root.join("_runs", name)` wherever a
-    path under it is needed; picklable, so a Ray task can take it as an argument.
-    """
-
-    fs: pafs.FileSystem
-    path: str  # inside fs: "bucket/key" on S3, an absolute path locally
-    uri: str  # as given (may carry a scheme); redact() before logging
-
-    @classmethod
-    def of(cls, uri: str) -> Root:
-        fs, path = pyarrow_filesystem(uri)
-        return cls(fs, path, str(uri))
-
-    @property
-    def local(self) -> bool:
-        return isinstance(self.fs, pafs.LocalFileSystem)
-
-    def join(self, *parts: str) -> Root:
-        tail = [p.strip("/") for p in parts if p.strip("/")]
-        return Root(self.fs, posixpath.join(self.path, *tail), uris.join(self.uri, *tail))
-
-    def __str__(self) -> str:
-        return redact(self.uri)

@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 
-from pipeline.storage import Root, pyarrow_s3, s3_env
+from pipeline.storage import pyarrow_s3, s3_env
 from sempart_core.s3settings import DEFAULT_MAX_ATTEMPTS, S3Settings
 from sempart_core.uri import atomic_local_file, filesystem
 
@@ -61,15 +61,6 @@ def test_bad_numbers_and_secrets(env: pytest.MonkeyPatch) -> None:
         S3Settings.from_env()
     env.delenv("SEMPART_S3_READ_TIMEOUT_S")
     assert "s3cr3t" not in repr(S3Settings.from_env())
-
-
-def test_root_joins_paths_and_uris(tmp_path) -> None:
-    root = Root.of("s3://bucket/out/")
-    runs = root.join("_runs", "r.json")
-    assert (runs.path, runs.uri, runs.fs is root.fs) == ("bucket/out/_runs/r.json", "s3://bucket/out/_runs/r.json", True)
-    local = Root.of(str(tmp_path)).join("a")
-    assert local.local and local.path == f"{tmp_path}/a"
-    assert pickle.loads(pickle.dumps(root)).join("x").path == "bucket/out/x"
 
 
 def test_atomic_local_file_leaves_nothing_on_failure(tmp_path) -> None:
