@@ -1,7 +1,7 @@
 """Flags that pipeline tests add to `sempart label` when their point is plumbing.
 
-Each inference actor is a fresh process that imports torch and timm and loads the model
-(~7 CPU-s on this project's 2-core machine), more than labelling a test's few images.
+Each inference actor is a fresh process that imports torch and timm and loads the model,
+seconds of CPU: more than labelling a test's few images costs.
 Tests of several actors at once (resume after SIGKILL, faults, node loss, actor
 defaults) keep the default, one actor per CPU.
 """
