@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from pipeline import manifest as manifests
 from pipeline.schema import image_id_for
-from pipeline.storage import pyarrow_filesystem, redact
+from pipeline.storage import pyarrow_filesystem, read_retrying, redact
 from sempart_core import uri as uris
 
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
@@ -90,15 +90,23 @@ class Sample:
 def fetch_bytes(uri: str) -> bytes:
     """The object's bytes, through pyarrow (local path, file:// or s3://)."""
     fs, path = pyarrow_filesystem(uri)  # S3: the process's cached client
-    with fs.open_input_stream(path) as f:
-        return f.read()
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return read_retrying(read)
 
 
 def fetch_range(uri: str, offset: int, size: int) -> bytes:
     """`size` bytes at `offset` of the object: one ranged read."""
     fs, path = pyarrow_filesystem(uri)  # S3: the process's cached client
-    with fs.open_input_file(path) as f:
-        return f.read_at(size, offset)
+
+    def read() -> bytes:
+        with fs.open_input_file(path) as f:
+            return f.read_at(size, offset)
+
+    return read_retrying(read)
 
 
 # ---------------------------------------------------------------- input kinds and the run's manifest

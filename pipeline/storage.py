@@ -15,17 +15,26 @@ from __future__ import annotations
 
 import functools
 import os
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 from sempart_core.s3settings import ENV_VARS as S3_ENV_VARS
-from sempart_core.s3settings import S3Settings, retries  # noqa: F401  (retries: re-export)
+from sempart_core.s3settings import S3Settings, count_retry, retries  # noqa: F401  (retries: re-export)
 from sempart_core.uri import atomic_local_file  # noqa: F401  (re-export)
 from sempart_core.uri import filesystem as fsspec_filesystem  # noqa: F401  (re-export)
 from sempart_core.uri import redact
 
 S3_SCHEMES = ("s3", "s3a")
+# The AWS SDK writes an error answer's body into the buffer of a GET; when the body is
+# longer than the bytes asked for (a throttled read of an object or range of a few
+# hundred bytes), the call fails at once with this message, which the SDK never retries.
+UNRETRIED_READ_ERROR = "Failed to flush response stream"
+T = TypeVar("T")
 
 
 def is_s3(uri: str) -> bool:
@@ -46,7 +55,9 @@ def s3_env() -> dict[str, str]:
 
 
 class RetryingS3FileSystem(pafs.S3FileSystem):
-    """pyarrow's S3FileSystem that keeps its settings when pickled.
+    """pyarrow's S3FileSystem with the AWS SDK's default retry strategy, which has no
+    retry quota (sempart_core/s3settings.py: the "standard" strategy's quota runs out
+    under sustained throttling), and that keeps its settings when pickled.
 
     pyarrow pickles an S3FileSystem without its retry strategy, so a copy sent to a Ray
     worker (Ray Train's storage_filesystem, a read task's file system) would fall back
@@ -56,7 +67,8 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
     def __init__(self, settings: S3Settings):
         super().__init__(
             **settings.pyarrow_kwargs(),
-            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
+            # the SDK's count is of retries: the first attempt comes on top
+            retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=settings.max_attempts - 1),
         )
         self.settings = settings
 
@@ -97,3 +109,18 @@ def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     raise ValueError(f"unsupported URI scheme {parsed.scheme!r} in {redact(uri)}: use a path, file:// or s3://")
 
 
+
+
+def read_retrying(read: Callable[[], T]) -> T:
+    """`read()`, retried when pyarrow fails it with UNRETRIED_READ_ERROR, with the
+    attempts and full-jitter backoff of the other S3 retries (counted as they are)."""
+    attempts = S3Settings.from_env().max_attempts
+    for attempt in range(1, attempts + 1):
+        try:
+            return read()
+        except OSError as exc:
+            if UNRETRIED_READ_ERROR not in str(exc) or attempt == attempts:
+                raise
+        count_retry()
+        time.sleep(random.random() * min(2 ** (attempt - 1), 20))
+    raise AssertionError("unreachable")

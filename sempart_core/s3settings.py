@@ -10,18 +10,26 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN; SEMPART_S3_ANON=1 (
 requests, for public buckets); SEMPART_S3_MAX_ATTEMPTS, SEMPART_S3_CONNECT_TIMEOUT_S,
 SEMPART_S3_READ_TIMEOUT_S.
 
-Retries: every client uses the AWS "standard" retry mode, which retries throttling
-(503 SlowDown), 5xx answers and dropped connections with exponential backoff and full
-jitter, up to 20 s between attempts. With the default 12 attempts a request that is
-throttled every time waits about 75 s in all on average before it fails (botocore waits
-rand(0, 1) * min(2**(k-1), 20) s before retry k; pyarrow's AWS SDK waits longer), so a
-minute of throttling is ridden out.
+Retries, on every call of every client (HEAD, GET, LIST, PUT, multipart parts): throttling
+(503 SlowDown), 5xx answers (with or without a body) and dropped or reset connections
+are retried up to SEMPART_S3_MAX_ATTEMPTS attempts (12 by default, the first included),
+and never stop early for a retry quota. The AWS SDKs' "standard" mode keeps a quota per
+client, a token bucket that each retry drains; a long-lived client under sustained
+throttling empties it and then fails calls at their first error. So:
 
-Only botocore-based clients (boto3, s3fs) can be observed: `retries()` counts their
-retries in this process. pyarrow's S3 client retries inside C++ with no hook to count.
+- boto3 and s3fs (botocore): the standard mode's retry conditions and backoff (full
+  jitter, rand(0, 1) * min(2**(k-1), 20) s before retry k: about 75 s of throttling in
+  all on average at 12 attempts, at most 151 s), with the quota switched off
+  (`install_retries`);
+- pyarrow: the AWS SDK's default strategy, which has no quota: 25 ms * 2**(k-1) before
+  retry k, 51 s in all at 12 attempts (`pipeline.storage`).
+
+`retries()` counts the retries of botocore-based clients in this process; pyarrow's
+client retries inside C++ with no hook to count them.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -31,6 +39,7 @@ from urllib.parse import urlparse
 DEFAULT_MAX_ATTEMPTS = 12
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 60.0
+MAX_POOL_CONNECTIONS = 32  # per botocore client: listing runs 16 requests at a time (pipeline.manifest)
 
 # Every variable S3Settings reads: forwarded to Ray workers so they build the same clients.
 ENV_VARS = (
@@ -124,6 +133,7 @@ class S3Settings:
             "retries": {"total_max_attempts": self.max_attempts, "mode": "standard"},
             "connect_timeout": self.connect_timeout_s,
             "read_timeout": self.read_timeout_s,
+            "max_pool_connections": MAX_POOL_CONNECTIONS,
         }
         if self.anon:
             from botocore import UNSIGNED
@@ -132,12 +142,15 @@ class S3Settings:
         return kwargs
 
     def boto3_client(self):
-        """A boto3 S3 client (retries counted by `retries()`)."""
+        """A boto3 S3 client (`install_retries`: no retry quota, retries counted)."""
         import boto3
+        import botocore.session
         from botocore.config import Config
 
+        session = botocore.session.get_session()
+        install_retries(session, self.max_attempts)
         creds = self.credentials or {}
-        client = boto3.client(
+        return boto3.Session(botocore_session=session).client(
             "s3",
             endpoint_url=self.endpoint,
             region_name=self.region,
@@ -146,14 +159,13 @@ class S3Settings:
             aws_session_token=creds.get("session_token"),
             config=Config(**self.botocore_config_kwargs()),
         )
-        count_retries(client.meta.events)
-        return client
 
     def fsspec_options(self) -> dict[str, Any]:
         """Storage options for fsspec's s3fs (passed to `fsspec.core.url_to_fs`).
 
-        botocore retries each call (standard mode, counted); s3fs's own retry loop (5
-        tries) stays on top for what botocore does not retry, such as a body cut short.
+        botocore retries each call (`install_retries` on the session `sempart_core.uri`
+        gives s3fs); s3fs's own retry loop (5 tries) stays on top for what botocore does
+        not retry, such as a body cut short.
         """
         client_kwargs: dict[str, Any] = {}
         if self.endpoint:
@@ -171,38 +183,65 @@ class S3Settings:
         return options
 
 
-# ------------------------------------------------------------------ retry counting
+# ------------------------------------------------------------------ retries
 
 _lock = threading.Lock()
 _retries = 0
-_session = None
 
 
-def _on_request(request, **_: Any) -> None:
-    """botocore 'request-created' hook: attempt 2, 3, ... of one call is a retry."""
+class _NoQuota:
+    """A retry quota that never runs out (see the module docstring)."""
+
+    def acquire_retry_quota(self, context: Any) -> bool:
+        return True
+
+
+def count_retry() -> None:
+    """Count one S3 retry made in this process (`retries()`)."""
     global _retries
-    if request.context.get("retries", {}).get("attempt", 1) > 1:
-        with _lock:
-            _retries += 1
-
-
-def count_retries(events) -> None:
-    """Count the retries of the botocore client or session owning `events`."""
-    events.register("request-created.s3", _on_request, unique_id="sempart-count-retries")
-
-
-def aiobotocore_session():
-    """One aiobotocore session per process, with the retry counter attached, for s3fs
-    to create its client from (set as the file system's `session` before it connects;
-    not passed as an option, which would make the file system unpicklable)."""
-    global _session
     with _lock:
-        if _session is None:
-            from aiobotocore.session import AioSession
+        _retries += 1
 
-            _session = AioSession()
-            _session.register("request-created.s3", _on_request, unique_id="sempart-count-retries")
-        return _session
+
+class _Retry:
+    """botocore's standard retry handler without its quota, counting each retry."""
+
+    def __init__(self, max_attempts: int):
+        from botocore.retries import standard
+
+        self.handler = standard.RetryHandler(
+            retry_policy=standard.RetryPolicy(
+                retry_checker=standard.StandardRetryConditions(max_attempts=max_attempts),
+                retry_backoff=standard.ExponentialBackoff(),
+            ),
+            retry_event_adapter=standard.RetryEventAdapter(),
+            retry_quota=_NoQuota(),
+        )
+
+    def __call__(self, **kwargs: Any) -> float | None:
+        delay = self.handler.needs_retry(**kwargs)
+        if delay is not None:
+            count_retry()
+        return delay
+
+
+def install_retries(session: Any, max_attempts: int) -> None:
+    """Make the S3 clients that botocore (or aiobotocore) `session` creates from now on
+    retry with `_Retry`: registered under the unique id of the handler botocore would
+    install, so a new client keeps this one instead."""
+    session.register("needs-retry.s3", _Retry(max_attempts), unique_id="retry-config-s3")
+
+
+@functools.lru_cache(maxsize=8)
+def aiobotocore_session(max_attempts: int):
+    """One aiobotocore session per process and attempt budget, with `install_retries`,
+    for s3fs to create its client from (set as the file system's `session` before it
+    connects; not passed as an option, which would make the file system unpicklable)."""
+    from aiobotocore.session import AioSession
+
+    session = AioSession()
+    install_retries(session, max_attempts)
+    return session
 
 
 def retries() -> int:

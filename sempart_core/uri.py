@@ -44,7 +44,8 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     protocol = fsspec.utils.get_protocol(uri)
     fs, path = fsspec.core.url_to_fs(uri, **_storage_options(protocol))
     if protocol in ("s3", "s3a") and fs.session is None:  # not connected yet
-        fs.session = s3settings.aiobotocore_session()  # so that s3settings.retries() counts its retries
+        # retries without a quota, counted by s3settings.retries()
+        fs.session = s3settings.aiobotocore_session(S3Settings.from_env().max_attempts)
     return fs, path
 
 

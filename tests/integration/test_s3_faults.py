@@ -15,6 +15,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -93,6 +94,64 @@ def test_settings_reach_every_client_and_survive_pickling(s3_endpoint: str, s3_b
             uri.read_bytes(f"{s3_bucket}/k")  # s3fs
         assert proxy.counts["requests"] == 6
         assert s3settings.retries() - before == 1
+
+
+SUSTAINED_THROTTLING = Faults(slow_down=0.30, internal_error=0.05, reset=0.03, delay=0.0)
+CALLS = 200  # of each kind per client: their retries would drain a retry quota many times over
+
+
+def test_every_client_rides_out_sustained_throttling(s3_endpoint: str, s3_bucket: str, client,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """One long-lived client each (pyarrow, boto3, s3fs), as in a long run, through an S3
+    that throttles 30 % of requests, fails 5 % with 500 (HEAD answers without a body)
+    and resets 3 %: HEAD, GET (a 60-byte object too, shorter than an error answer),
+    LIST and PUT, CALLS of each, none fails. The AWS "standard" retry mode would stop
+    retrying once its per-client quota ran dry; the botocore clients count their retries."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.sources import fetch_bytes
+
+    bucket = s3_bucket.removeprefix("s3://")
+    bodies = {f"in/{i}": png(i) for i in range(20)} | {"in/tiny": b"t" * 60}
+    for key, body in bodies.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    keys = sorted(bodies)
+    with FaultProxy(s3_endpoint, SUSTAINED_THROTTLING, seed=3) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        fs, boto, fsspec_fs = pyarrow_s3(), s3_client(), uri.filesystem(s3_bucket)[0]
+
+        def via_pyarrow(i: int) -> None:
+            key = keys[i % len(keys)]
+            assert fs.get_file_info(f"{bucket}/{key}").size == len(bodies[key])
+            assert fetch_bytes(f"{s3_bucket}/{key}") == bodies[key]
+            if i % 10 == 0:
+                assert len(fs.get_file_info(pafs.FileSelector(f"{bucket}/in"))) == len(keys)
+                with fs.open_output_stream(f"{bucket}/out/pa-{i}") as f:
+                    f.write(b"written")
+
+        def via_boto3(i: int) -> None:
+            key = keys[i % len(keys)]
+            assert boto.head_object(Bucket=bucket, Key=key)["ContentLength"] == len(bodies[key])
+            assert boto.get_object(Bucket=bucket, Key=key)["Body"].read() == bodies[key]
+            if i % 10 == 0:
+                assert boto.list_objects_v2(Bucket=bucket, Prefix="in/")["KeyCount"] == len(keys)
+                boto.put_object(Bucket=bucket, Key=f"out/boto-{i}", Body=b"written")
+
+        def via_s3fs(i: int) -> None:
+            key = keys[i % len(keys)]
+            assert fsspec_fs.info(f"{bucket}/{key}")["size"] == len(bodies[key])
+            assert fsspec_fs.cat_file(f"{bucket}/{key}") == bodies[key]
+            if i % 10 == 0:
+                assert len(fsspec_fs.ls(f"{bucket}/in", refresh=True)) == len(keys)
+                fsspec_fs.pipe_file(f"{bucket}/out/s3fs-{i}", b"written")
+
+        retries_before = s3settings.retries()
+        with ThreadPoolExecutor(32) as pool:
+            for calls in (via_pyarrow, via_boto3, via_s3fs):
+                list(pool.map(calls, range(CALLS)))  # re-raises the first failed call
+    assert min(proxy.counts[f] for f in ("slow_down", "internal_error", "reset")) > 30, proxy.counts
+    assert s3settings.retries() - retries_before > 100  # boto3's and s3fs's
+    assert len(client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]) == 3 * CALLS // 10
 
 
 def test_label_s3_to_s3_through_faults(s3_endpoint: str, s3_bucket: str, client, ray_session, model: str,
