@@ -11,7 +11,7 @@ encodings, so decode work is real and generation cheap):
    driver and every process below it (Ray services and workers, from /proc), per row.
 2. The same stage functions of pipeline/label.py, called in this process on a sample
    of the same files and timed with `time.process_time` (one torch thread):
-   fetch (`fetch_bytes`), decode + resize (`decode_image` + `prepare_image`, and
+   fetch (`storage.read_object`), decode + resize (`decode_image` + `prepare_image`, and
    torchvision's decoder via `gpu_decode.decode_and_prepare` on the CPU), model (the
    `Infer` actor class), finish (`finish_batch`: resize, threshold, boxes, score, RLE)
    and write (`ChunkWriter`, Parquet + rename).
@@ -200,7 +200,7 @@ def stage_costs(args: argparse.Namespace, folder: Path, model: Path) -> dict[str
     import pyarrow as pa
     import torch
 
-    from pipeline import label, sources
+    from pipeline import label, sources, storage
     from sempart_core.artifact import read_artifact_info
     from sempart_core.gpu_decode import _fast_path_orientation, decode_and_prepare
     from sempart_core.images import DEFAULT_MAX_PIXELS, decode_image, prepare_image
@@ -218,7 +218,7 @@ def stage_costs(args: argparse.Namespace, folder: Path, model: Path) -> dict[str
         ms[name] = 1000 * (time.process_time() - t) / n
         return result
 
-    datas = timed("fetch", lambda: [sources.fetch_bytes(u) for u in uris])
+    datas = timed("fetch", lambda: [storage.read_object(u) for u in uris])
     timed("decode_resize", lambda: [prepare_image(decode_image(d), IMAGE_SIZE, patch) for d in datas])
     timed("decode_resize_torchvision", lambda: decode_and_prepare(datas, IMAGE_SIZE, patch))
     # The same at the product's input size (ViT-S/8 at 320 px), for sizing a cluster.
@@ -254,7 +254,7 @@ def writer_ceiling(args: argparse.Namespace, labelled: Path) -> dict[str, float]
     rows = pq.read_table(sorted(labelled.glob("part-*.parquet")))
     n, per_file = rows.num_rows, label.DEFAULT_ROWS_PER_FILE
     index = np.arange(n)
-    for name, values in (("chunk_rows", [None] * n), ("row", index % per_file),
+    for name, values in (("s3_retries", [None] * n), ("chunk_rows", [None] * n), ("row", index % per_file),
                          ("chunk", index // per_file)):
         rows = rows.add_column(0, name, pa.array(values, pa.int64()))
     chunks = -(-n // per_file)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,10 @@ import typer
 
 from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
 from sempart_core.config import SempartConfig, load_config
+
+# Ray only where a command starts or joins it (cluster.init_ray): Ray's automatic connection
+# would let a stopped pipeline's threads start or join Ray again as the process exits.
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 # Plain tracebacks: typer's rich ones print local variables, which may hold secrets.
 app = typer.Typer(
@@ -245,6 +250,7 @@ def label_cmd(
 
     Exit code 0 when every image was labelled, 1 when some rows are errors, 2 for usage errors.
     """
+    from pipeline.cluster import shutdown_quietly
     from pipeline.label import IncompleteRunError, LabelOptions, run_label
     from pipeline.storage import configure_s3
 
@@ -257,6 +263,7 @@ def label_cmd(
                          decode=decode, stall_timeout=stall_timeout)
         )
     except IncompleteRunError as exc:
+        shutdown_quietly()  # its line is the last thing printed
         fail(str(exc), code=EXIT_PARTIAL)
     typer.echo(summary.line())
     raise typer.Exit(summary.exit_code)

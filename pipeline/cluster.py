@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 JOIN_TIMEOUT_S = 5.0  # a cluster that does not accept a connection by then is not there
+_connected_here = False  # init_ray connected this process to Ray (shutdown_quietly may end it)
 
 
 class ClusterUnreachableError(ValueError):
@@ -18,17 +20,36 @@ def init_ray(address: str | None = None) -> None:
     nothing answers there: ray.init would wait on it for minutes."""
     import ray
 
+    global _connected_here
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         check_reachable(address)
         ray.init(address=address)
+    else:
+        cpus = os.environ.get("SEMPART_NUM_CPUS")
+        # address="local": a fresh instance, never the cluster Ray recorded last on this
+        # machine (a stale `ray start --head` would make ray.init() hang on it).
+        ray.init(address="local", num_cpus=int(cpus) if cpus else None, include_dashboard=False)
+    _connected_here = True
+
+
+def shutdown_quietly() -> None:
+    """End the Ray connection init_ray made, silencing this process from now on: for a
+    process about to exit after a stalled pipeline, whose threads would otherwise log
+    tracebacks (and reconnect to Ray) after the run's last line. The CLI disables Ray's
+    automatic reconnection (RAY_ENABLE_AUTO_CONNECT=0) before importing Ray."""
+    import logging
+    import threading
+
+    import ray
+
+    if not _connected_here:
         return
-    cpus = os.environ.get("SEMPART_NUM_CPUS")
-    # address="local": a fresh instance, never the cluster Ray recorded last on this
-    # machine (a stale `ray start --head` would make ray.init() hang on it).
-    ray.init(address="local", num_cpus=int(cpus) if cpus else None, include_dashboard=False)
+    logging.disable(logging.CRITICAL)
+    threading.excepthook = lambda args: None
+    ray.shutdown()
 
 
 def check_reachable(address: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
@@ -60,21 +81,74 @@ def check_reachable(address: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
         ) from None
 
 
-def worker_resources(workers: int, gpu: bool) -> tuple[dict[str, float], int]:
-    """(resources per worker, torch threads per worker).
+# The step of CPU reservations when the model runs on CPUs: workers take multiples of
+# it, so a node's unreserved CPUs are a multiple of it too (see `plan_workers`).
+STAGE_CPUS = 0.25
 
-    Training workers and inference actors alike: a GPU worker takes one CPU and one GPU.
-    CPU workers share the cluster's CPUs but leave one (half of a lone CPU) to Ray Data's
-    decode tasks, which would otherwise never be scheduled; they take whole CPUs when
-    there are enough, and fit on one node.
-    """
+
+class ResourcePlanError(ValueError):
+    """The workers asked for cannot run on the cluster as it is: one line saying why."""
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """Resources of each worker (inference actor or training worker), its torch
+    threads, and what each CPU-stage task reserves beside them."""
+
+    resources: dict[str, float]
+    threads: int
+    stage_cpus: float
+
+
+def plan_workers(count: int, gpu: bool, node_cpus: list[float], gpus: float = 0.0) -> ResourcePlan:
+    """Fit `count` workers on nodes with `node_cpus` CPUs, leaving room for the CPU
+    stages on some node, or raise ResourcePlanError.
+
+    On GPUs each worker takes one GPU and one CPU, and stage tasks one CPU each. On
+    CPUs the workers share the cluster but one CPU: each takes the largest multiple of
+    STAGE_CPUS that lets all of them fit on the nodes (whole CPUs, as threads, from one
+    CPU up). Each node's unreserved CPUs are then a multiple of the workers' step (1,
+    0.5 or 0.25 CPU) and add up to at least one CPU, so some node holds a stage task
+    that reserves one step. (A plan from the cluster's total alone left every node
+    0.2-0.4 CPU and a 1-CPU stage task waiting forever.)"""
+    shape = ", ".join(f"{c:g}" for c in node_cpus)
+    total = sum(node_cpus)
+    if gpu:
+        if count > gpus:
+            raise ResourcePlanError(f"{count} GPU workers asked for, but the cluster has {gpus:g} GPUs: "
+                                    f"ask for at most {int(gpus)} (--actors / --workers)")
+        if total - count < 1:
+            raise ResourcePlanError(f"{count} GPU workers take one CPU each and the cluster has {total:g} "
+                                    f"(nodes: {shape}): no CPU is left for decoding; add CPUs or use fewer")
+        return ResourcePlan({"CPU": 1.0, "GPU": 1.0}, 1, 1.0)
+
+    share = _cpu_share(count, node_cpus)
+    if share is None:
+        most = max((n for n in range(1, count) if _cpu_share(n, node_cpus)), default=0)
+        raise ResourcePlanError(
+            f"{count} workers do not fit on the cluster's {total:g} CPUs (nodes: {shape}) with CPU left "
+            f"for decoding: ask for at most {most} (--actors / --workers)")
+    step = next(g for g in (1.0, 0.5, STAGE_CPUS) if share % g == 0)
+    return ResourcePlan({"CPU": share}, max(1, int(share)), step)
+
+
+def _cpu_share(count: int, node_cpus: list[float]) -> float | None:
+    """CPUs per worker (see `plan_workers`), or None when `count` do not fit. One CPU
+    is kept for the stages (STAGE_CPUS on a cluster of less than two)."""
+    total = sum(node_cpus)
+    kept = 1.0 if total >= 2 else STAGE_CPUS
+    share = int((total - kept) / count / STAGE_CPUS + 1e-9) * STAGE_CPUS
+    while share >= STAGE_CPUS and sum(int(c / share + 1e-9) for c in node_cpus) < count:
+        share -= STAGE_CPUS
+    if share < STAGE_CPUS:
+        return None
+    return float(int(share)) if share >= 1 else share
+
+
+def cluster_plan(count: int, gpu: bool) -> ResourcePlan:
+    """`plan_workers` on the live nodes of the Ray cluster this process is connected to."""
     import ray
 
-    if gpu:
-        return {"CPU": 1.0, "GPU": 1.0}, 1
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    largest_node = max(float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n["Alive"])
-    for_data = 1.0 if cpus >= 2 else cpus / 2
-    share = min((cpus - for_data) / workers, largest_node)
-    per_worker = float(int(share)) if share >= 1 else share
-    return {"CPU": per_worker}, max(1, int(per_worker))
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    return plan_workers(count, gpu, [float(n.get("CPU", 0.0)) for n in nodes if n.get("CPU")],
+                        sum(float(n.get("GPU", 0.0)) for n in nodes))

@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 
 from pipeline import manifest as manifests
 from pipeline import sources, storage
-from pipeline.cluster import init_ray, worker_resources
+from pipeline.cluster import ResourcePlan, cluster_plan, init_ray
 from pipeline.schema import LABELS_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, image_id_for
 from pipeline.storage import atomic_local_file, pyarrow_filesystem, redact, s3_env
 from sempart_core import uri as uris
@@ -89,12 +89,14 @@ CPU_STAGE_NICE = 10  # scheduling priority of the light stages when the model ru
 CPU_BLOCK_BYTES = 2**20  # block size on CPU: a few 320 px images, so an actor task is ~one batch
 
 END_OF_CHUNK = "end of chunk"  # the error text of a chunk's end row (dropped by the writer)
+CHUNK_FAILED = -1  # chunk_rows of the end row of a chunk its decode task could not read; its error says why
 
 DECODED_SCHEMA = pa.schema(
     [
         ("chunk", pa.int64()),
         ("row", pa.int64()),  # in the chunk; -1 on the end row
-        ("chunk_rows", pa.int64()),  # the end row: the chunk's row count; null on image rows
+        ("chunk_rows", pa.int64()),  # the end row: the chunk's row count (or CHUNK_FAILED); null on image rows
+        ("s3_retries", pa.int64()),  # the end row: S3 retries made reading the chunk (storage.read_object)
         ("image_id", pa.string()),
         ("uri", pa.string()),
         ("width", pa.int32()),
@@ -108,7 +110,7 @@ DECODED_SCHEMA = pa.schema(
 INFERRED_SCHEMA = DECODED_SCHEMA.remove(DECODED_SCHEMA.get_field_index("pixels")).append(
     pa.field("prob", pa.large_binary())  # float32 [in_h, in_w]
 ).append(pa.field("ncut", pa.float64()))
-ROWS_SCHEMA = pa.schema(list(DECODED_SCHEMA)[:3] + list(LABELS_SCHEMA), metadata=LABELS_SCHEMA.metadata)
+ROWS_SCHEMA = pa.schema(list(DECODED_SCHEMA)[:4] + list(LABELS_SCHEMA), metadata=LABELS_SCHEMA.metadata)
 
 
 class LabelUsageError(ValueError):
@@ -116,7 +118,12 @@ class LabelUsageError(ValueError):
 
 
 class IncompleteRunError(RuntimeError):
-    """The pipeline ended with chunks unwritten (e.g. the writer actor was restarted)."""
+    """The pipeline ended with chunks unwritten (e.g. the writer actor was restarted);
+    `s3_retries` counts the retries of its reads until then."""
+
+    def __init__(self, message: str, s3_retries: int = 0):
+        super().__init__(message)
+        self.s3_retries = s3_retries
 
 
 @dataclass
@@ -203,14 +210,15 @@ def decode_samples(
 ) -> Iterator[pa.Table]:
     """One chunk's samples -> decoded rows, DECODE_BATCH per table, then its end row."""
     out: list[dict] = []
-    n = 0
+    n, retries_before = 0, storage.retries()
     for sample in samples:
         out.append({**decode_sample(sample, image_size, patch, decode), "chunk": chunk, "row": n})
         n += 1
         if len(out) == DECODE_BATCH:
             yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
             out = []
-    out.append({"chunk": chunk, "row": -1, "chunk_rows": n, "uri": "", "image_id": "", "error": END_OF_CHUNK})
+    out.append({"chunk": chunk, "row": -1, "chunk_rows": n, "s3_retries": storage.retries() - retries_before,
+                "uri": "", "image_id": "", "error": END_OF_CHUNK})
     yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
 
 
@@ -237,7 +245,18 @@ def decode_chunks(
         samples = source.samples(chunk)
         if errors_of_run is not None:
             samples = error_samples(samples, chunk, *errors_of_run)
-        yield from decode_samples(samples, chunk, image_size, patch, decode)
+        try:
+            yield from decode_samples(samples, chunk, image_size, patch, decode)
+        except Exception as exc:  # noqa: BLE001 - the chunk is left to --resume, the run goes on
+            logger.warning("chunk %d could not be read, left for --resume: %s", chunk, _one_line(exc))
+            yield failed_chunk_row(chunk, exc)
+
+
+def failed_chunk_row(chunk: int, exc: BaseException) -> pa.Table:
+    """The end row of a chunk that could not be read (its manifest slice, its shard's
+    member index, ...): the writer drops the chunk and reports why; --resume labels it."""
+    return pa.Table.from_pylist([{"chunk": chunk, "row": -1, "chunk_rows": CHUNK_FAILED, "uri": "", "image_id": "",
+                                  "error": f"chunk {chunk} not read: {_one_line(exc)}"}], schema=DECODED_SCHEMA)
 
 
 class Infer:
@@ -251,7 +270,7 @@ class Infer:
         from sempart_core.artifact import ArtifactError
         from sempart_core.predictor import load_predictor
 
-        if threads:  # the CPUs reserved for this actor (worker_resources)
+        if threads:  # the CPUs reserved for this actor (cluster.plan_workers)
             import torch
 
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
@@ -279,6 +298,19 @@ class Infer:
         return images
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        try:
+            return self.infer(batch)
+        except Exception as exc:  # noqa: BLE001 - the block's images become error rows, the run goes on
+            errors = batch.column("error").to_pylist()
+            message = f"inference failed: {_one_line(exc)}"
+            failed = batch.drop_columns(["pixels", "error"]).append_column(
+                "error", pa.array([e or message for e in errors], pa.string()))
+            failed = failed.append_column("prob", pa.nulls(batch.num_rows, pa.large_binary()))
+            return failed.append_column("ncut", pa.nulls(batch.num_rows, pa.float64())).select(
+                INFERRED_SCHEMA.names).cast(INFERRED_SCHEMA)
+
+    def infer(self, batch: pa.Table) -> pa.Table:
+        """Decoded rows -> rows with each image's map (`prob`) and ncut, or its error."""
         import torch
 
         from sempart_core.batching import infer_splitting, plan_batches
@@ -320,12 +352,23 @@ class Infer:
 
 
 def finish_batch(batch: pa.Table, post: PostConfig, model_id: str, run_id: str, nice: int = 0) -> pa.Table:
-    """Probability maps -> table rows: mask at the original size, RLE, boxes, score."""
+    """Probability maps -> table rows: mask at the original size, RLE, boxes, score. A
+    failure of the whole batch makes its images error rows (the run goes on)."""
     lower_priority(nice)
+    try:
+        return finish_rows(batch, post, model_id, run_id)
+    except Exception as exc:  # noqa: BLE001
+        return finish_rows(batch.drop_columns(["error"]).append_column(
+            "error", pa.array([e or f"postprocess failed: {_one_line(exc)}" for e in batch.column("error").to_pylist()],
+                              pa.string())), post, model_id, run_id)
+
+
+def finish_rows(batch: pa.Table, post: PostConfig, model_id: str, run_id: str) -> pa.Table:
+    """finish_batch's rows; an image that fails to finish is an error row."""
     now = datetime.now(timezone.utc)
     out = []
     for r in batch.to_pylist():
-        rec = {k: r[k] for k in ("chunk", "row", "chunk_rows", "image_id", "uri", "width", "height")}
+        rec = {k: r[k] for k in ("chunk", "row", "chunk_rows", "s3_retries", "image_id", "uri", "width", "height")}
         rec.update(model_id=model_id, run_id=run_id, labeled_at=now, error=r["error"])
         if r["error"] is None:
             try:
@@ -361,8 +404,10 @@ class ChunkWriter:
     """Actor (exactly one): buffers rows per chunk, writes a chunk when it is complete:
     its end row has come (with the chunk's row count) and that many distinct rows.
 
-    Emits one summary row per written file. Rows seen twice (a retried upstream task)
-    are kept once; rows of a chunk already written are dropped.
+    Emits one summary row per chunk it is done with: written, or given up (its decode
+    task could not read it, or its file could not be written: the row's `given_up` says
+    why, and --resume labels it). Rows seen twice (a retried upstream task) are kept
+    once; rows of a chunk it is done with are dropped.
     """
 
     def __init__(self, out: str, run_id: str, nice: int = 0):
@@ -371,41 +416,65 @@ class ChunkWriter:
         self.parts: dict[int, list[pa.Table]] = defaultdict(list)
         self.seen: dict[int, set[int]] = defaultdict(set)
         self.expected: dict[int, int] = {}
-        self.written: set[int] = set()
+        self.s3_retries: dict[int, int] = defaultdict(int)  # reported on the chunks' end rows
+        self.closed: set[int] = set()  # written or given up
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         done = []
         chunks, rows = batch.column("chunk").to_numpy(), batch.column("row").to_numpy()
-        ends = batch.column("chunk_rows").to_pylist()
+        ends, errors = batch.column("chunk_rows").to_pylist(), batch.column("error").to_pylist()
+        retries = batch.column("s3_retries").to_pylist()
         for chunk in map(int, np.unique(chunks)):
-            if chunk in self.written:
+            if chunk in self.closed:
                 continue
-            keep = []
+            keep, failure = [], None
             for i in np.flatnonzero(chunks == chunk):
-                if ends[i] is not None:
+                self.s3_retries[chunk] += retries[i] or 0
+                if ends[i] == CHUNK_FAILED:
+                    failure = errors[i]
+                elif ends[i] is not None:
                     self.expected[chunk] = ends[i]
                 elif int(rows[i]) not in self.seen[chunk]:
                     self.seen[chunk].add(int(rows[i]))
                     keep.append(i)
+            if failure is not None:
+                done.append(self.give_up(chunk, failure))
+                continue
             if keep:
                 self.parts[chunk].append(batch.take(pa.array(keep, pa.int64())))
             if len(self.seen[chunk]) == self.expected.get(chunk):
-                done.append(self.flush(chunk))
+                done.append(self.write(chunk))
         progress = {"chunk": PROGRESS_ROW, "rows": batch.num_rows, **dict.fromkeys(STATUSES, 0)}  # for the watchdog
         return pa.Table.from_pylist(done + [progress], schema=SUMMARY_SCHEMA)
 
+    def write(self, chunk: int) -> dict:
+        """`flush`, or give the chunk up when its file cannot be written (storage that
+        stays down through every retry): the run goes on, --resume writes it."""
+        try:
+            return self.flush(chunk)
+        except Exception as exc:  # noqa: BLE001
+            return self.give_up(chunk, f"chunk {chunk} not written: {_one_line(exc)}")
+
     def flush(self, chunk: int) -> dict:
-        table = self.take(chunk)
+        retries, table = self.s3_retries[chunk], self.take(chunk)
         counts = write_labels(table, self.out, part_name(self.run_id, chunk))
-        return {"chunk": chunk, "rows": table.num_rows, **counts}
+        return {"chunk": chunk, "rows": table.num_rows, **counts, "s3_retries": retries}
 
     def take(self, chunk: int) -> pa.Table:
-        """The chunk's rows in order, as output rows; from now on the chunk is written."""
+        """The chunk's rows in order, as output rows; from now on the chunk is closed."""
         table = pa.concat_tables(self.parts.pop(chunk, []) or [ROWS_SCHEMA.empty_table()])
-        table = table.sort_by("row").drop_columns(["chunk", "row", "chunk_rows"])
-        del self.seen[chunk], self.expected[chunk]
-        self.written.add(chunk)
+        table = table.sort_by("row").select(LABELS_SCHEMA.names)
+        for state in (self.seen, self.expected, self.s3_retries):
+            state.pop(chunk, None)
+        self.closed.add(chunk)
         return table
+
+    def give_up(self, chunk: int, error: str) -> dict:
+        """Drop the chunk's rows; its summary row says why."""
+        logger.warning("%s: left for --resume", error)
+        retries = self.s3_retries[chunk]
+        self.take(chunk)
+        return {"chunk": chunk, "rows": 0, **dict.fromkeys(STATUSES, 0), "s3_retries": retries, "given_up": error}
 
 
 class ErrorRetryWriter(ChunkWriter):
@@ -416,12 +485,13 @@ class ErrorRetryWriter(ChunkWriter):
     file, counting the relabelled rows only."""
 
     def flush(self, chunk: int) -> dict:
-        relabelled = self.take(chunk)
+        retries, relabelled = self.s3_retries[chunk], self.take(chunk)
         name = part_name(self.run_id, chunk)
         fs, root = pyarrow_filesystem(self.out)
         merged, attempts = merge_retried(pq.read_table(f"{root}/{name}", filesystem=fs), relabelled, name)
         write_labels(merged, self.out, name, attempts)
-        return {"chunk": chunk, "rows": relabelled.num_rows, **status_counts(relabelled.column("status").to_pylist())}
+        return {"chunk": chunk, "rows": relabelled.num_rows, **status_counts(relabelled.column("status").to_pylist()),
+                "s3_retries": retries}
 
 
 def error_samples(samples: Iterator[sources.Sample], chunk: int, out: str, run_id: str) -> Iterator[sources.Sample]:
@@ -470,7 +540,11 @@ def write_labels(table: pa.Table, out: str, name: str, attempts: dict[str, int] 
     return counts
 
 
-SUMMARY_SCHEMA = pa.schema([("chunk", pa.int64()), ("rows", pa.int64())] + [(s, pa.int64()) for s in STATUSES])
+SUMMARY_SCHEMA = pa.schema(
+    [("chunk", pa.int64()), ("rows", pa.int64())] + [(s, pa.int64()) for s in STATUSES]
+    + [("s3_retries", pa.int64()),  # of the chunk's reads (storage.read_object)
+       ("given_up", pa.string())]  # why a chunk was given up; null when its file was written
+)
 
 
 def status_counts(statuses: list[str]) -> dict[str, int]:
@@ -529,7 +603,7 @@ class LabelRun:
     images_per_s: float | None = None
     last_config: dict | None = None
     retries: list[RetryRecord] = field(default_factory=list)
-    s3_retries: int = 0  # S3 requests the driver's boto3/s3fs clients retried (pyarrow's are not counted)
+    s3_retries: int = 0  # S3 retries of the image reads and of the driver's requests (storage.py says which count)
     record_version: int = RUN_RECORD_VERSION
 
     @property
@@ -669,8 +743,10 @@ def _check_resume(run: LabelRun, opts: LabelOptions, model_id: str) -> None:
         logger.warning("--input differs from the run's %s: resuming with the run's manifest", run.config.get("input"))
 
 
-def _resources(opts: LabelOptions) -> tuple[bool, int]:
-    """GPU or not, and the inference actors: one per GPU, or on CPU one per CPU."""
+def _resources(opts: LabelOptions) -> tuple[bool, ResourcePlan, int]:
+    """GPU or not, the resource plan (cluster.plan_workers: fails at once, with one line,
+    when the actors cannot run on the cluster as it is) and the number of inference
+    actors: one per GPU, or on CPU one per CPU."""
     import ray
 
     resources = ray.cluster_resources()
@@ -679,12 +755,12 @@ def _resources(opts: LabelOptions) -> tuple[bool, int]:
     if gpu and gpus == 0:
         raise LabelUsageError("--gpu given but the Ray cluster has no GPU: use --no-gpu")
     actors = opts.actors or max(gpus if gpu else int(resources.get("CPU", 1)), 1)
-    return gpu, actors
+    return gpu, cluster_plan(actors, gpu), actors
 
 
 def build_dataset(
-    pending: list[int], manifest: str, run: LabelRun, art: ArtifactInfo, opts: LabelOptions, gpu: bool, actors: int,
-    retry: dict[int, int] | None = None,
+    pending: list[int], manifest: str, run: LabelRun, art: ArtifactInfo, opts: LabelOptions, gpu: bool,
+    plan: ResourcePlan, actors: int, retry: dict[int, int] | None = None,
 ) -> ray.data.Dataset:
     """The streaming Ray Data pipeline over the pending chunks; yields summary rows.
     With `retry` (chunk -> its error rows; --retry-errors) it labels those rows again
@@ -704,7 +780,8 @@ def build_dataset(
     # DataContext.target_max_block_size, 128 MiB): reserve 1 GiB. As these resources
     # differ from the actors', Ray also keeps this CPU stage out of the inference actors
     # (it fuses a task stage into a following actor stage whose resources are equal).
-    cpu_stage = {**remote, "memory": DECODE_MEMORY}
+    # The CPU stages reserve what the resource plan leaves them (cluster.plan_workers).
+    cpu_stage = {**remote, "memory": DECODE_MEMORY, "num_cpus": plan.stage_cpus}
     # On CPU the model is the bottleneck and its threads take every core: the light
     # stages run at a lower priority, filling the moments the model leaves idle rather
     # than stalling its threads (measured in benchmarks/README.md, label_throughput).
@@ -715,6 +792,11 @@ def build_dataset(
     decode = opts.decode or ("gpu" if gpu else "cpu")
     rows, per_file, run_id = run.rows, run.rows_per_file, run.run_id
     ds = ray.data.from_items([{"chunk": k} for k in pending], override_num_blocks=min(len(pending), 10_000))
+    # No task error ends a run. The stages turn what they can into error rows or given-up
+    # chunks (decode_chunks, Infer, finish_batch, ChunkWriter); a block that fails anyway
+    # (a bug, a library error) is dropped, its chunk is unwritten and named at the end,
+    # and --resume labels it. System failures (a lost node) are retried by Ray.
+    ds.context.max_errored_blocks = -1
     source = sources.ChunkSource(kind=run.input_kind, manifest=manifest, rows_per_file=per_file, total=rows,
                                  out=opts.out, run_id=run_id, image_column=run.image_column)
     ds = ds.map_batches(
@@ -723,15 +805,14 @@ def build_dataset(
                    "errors_of_run": (opts.out, run_id) if retry else None, "decode": decode},
         **cpu_stage,
     )
-    per_actor, threads = worker_resources(actors, gpu)
-    infer_resources = {"num_cpus": per_actor["CPU"], "num_gpus": per_actor.get("GPU", 0.0)}
+    infer_resources = {"num_cpus": plan.resources["CPU"], "num_gpus": plan.resources.get("GPU", 0.0)}
     if gpu:
         pool, infer_env = ray.data.ActorPoolStrategy(size=actors), env
     else:
         # On CPU the model is nearly all of the work. By default there is one actor per
         # CPU, each computing with one thread: a multi-threaded actor's threads wait on
         # each other whenever anything else takes a core (benchmarks/README.md). The
-        # actors reserve the CPUs but one (worker_resources), which the decode/finish
+        # actors reserve the CPUs but one (cluster.plan_workers), which the decode/finish
         # tasks need, and compute with as many threads as they reserve whole CPUs (at
         # least one). Small blocks and one task in flight per actor give each actor about
         # one batch at a time, so that the actors share the work evenly to the end.
@@ -743,13 +824,14 @@ def build_dataset(
     ds = ds.map_batches(
         Infer, batch_size=opts.batch_size, batch_format="pyarrow", compute=pool, **infer_resources,
         fn_constructor_kwargs={"model": opts.model, "model_id": art.model_id, "device": "cuda" if gpu else "cpu",
-                               "batch_size": opts.batch_size, "threads": threads,
+                               "batch_size": opts.batch_size, "threads": plan.threads,
                                "max_batch_tokens": opts.max_batch_tokens, "decode": decode},
         **({"runtime_env": {"env_vars": infer_env}} if infer_env else {}),
     )
     ds = ds.map_batches(
         finish_batch, batch_size=16, batch_format="pyarrow",
-        fn_kwargs={"post": cfg.post, "model_id": art.model_id, "run_id": run_id, "nice": nice}, **remote,
+        fn_kwargs={"post": cfg.post, "model_id": art.model_id, "run_id": run_id, "nice": nice},
+        num_cpus=plan.stage_cpus, **remote,
     )
     return ds.map_batches(
         ErrorRetryWriter if retry else ChunkWriter, batch_size=None, batch_format="pyarrow",
@@ -787,18 +869,23 @@ def _stop(ds: ray.data.Dataset) -> None:
             logger.warning("could not shut the stalled pipeline down: %s", _one_line(exc))
 
 
-def consume(ds: ray.data.Dataset, pending: list[int], counts: dict[str, int], stall_timeout: float) -> int:
+def consume(
+    ds: ray.data.Dataset, pending: list[int], counts: dict[str, int], stall_timeout: float
+) -> tuple[int, int]:
     """Run the pipeline, adding each written file's status counts to `counts` and
-    logging progress; returns the rows written. The driver sees one row per file and
-    one per batch the writer takes (chunk PROGRESS_ROW).
+    logging progress; returns the rows written and the S3 retries of the reads. The
+    driver sees one row per file and one per batch the writer takes (chunk PROGRESS_ROW).
 
     A watchdog: when the writer takes no row for `stall_timeout` seconds (Ray Data can
     wait forever on an actor pool whose actor died, or on a lost node's work), the
-    pipeline is shut down and the run fails with one line naming the unwritten chunks."""
+    pipeline is shut down and the run fails with one line naming the unwritten chunks.
+    Chunks the pipeline gave up (unreadable, unwritable) are named the same way, with
+    the first one's reason."""
     events: queue.Queue = queue.Queue()
     stream = threading.Thread(target=_stream, args=(ds, events), name="sempart-label-stream", daemon=True)
     written: set[int] = set()
-    labelled = 0
+    given_up: dict[int, str] = {}
+    labelled = s3_retries = 0
     start = last_log = time.perf_counter()
     with warnings.catch_warnings():
         # Ray Data warns when an actor pool gets fewer input blocks than actors; it counts
@@ -817,7 +904,7 @@ def consume(ds: ray.data.Dataset, pending: list[int], counts: dict[str, int], st
                 missing = sorted(set(pending) - written)
                 raise IncompleteRunError(
                     f"no progress for {stall_timeout:g} s (--stall-timeout): {len(missing)} of {len(pending)} "
-                    f"files not written (chunks {_missing(missing)}): run again with --resume"
+                    f"files not written (chunks {_missing(missing)}): run again with --resume", s3_retries
                 ) from None
             if batch is None:
                 break
@@ -825,6 +912,10 @@ def consume(ds: ray.data.Dataset, pending: list[int], counts: dict[str, int], st
                 raise batch
             for rec in batch.to_pylist():
                 if rec["chunk"] == PROGRESS_ROW:
+                    continue
+                s3_retries += rec["s3_retries"] or 0
+                if rec["given_up"] is not None:
+                    given_up[rec["chunk"]] = rec["given_up"]
                     continue
                 written.add(rec["chunk"])
                 labelled += rec["rows"]
@@ -836,11 +927,12 @@ def consume(ds: ray.data.Dataset, pending: list[int], counts: dict[str, int], st
                             len(written), len(pending), labelled, labelled / (last_log - start))
     missing = sorted(set(pending) - written)
     if missing:
+        first = min(given_up, default=None)
         raise IncompleteRunError(
             f"{len(missing)} of {len(pending)} files were not written (chunks {_missing(missing)}): "
-            "run again with --resume"
+            "run again with --resume" + (f" ({given_up[first]})" if first is not None else ""), s3_retries
         )
-    return labelled
+    return labelled, s3_retries
 
 
 def run_label(opts: LabelOptions) -> LabelSummary:
@@ -888,15 +980,27 @@ def run_label(opts: LabelOptions) -> LabelSummary:
     labelled, retried, relabelled, t2 = 0, 0, dict.fromkeys(STATUSES, 0), t1
     if pending or retry:
         init_ray()
-        gpu, actors = _resources(opts)
+        gpu, plan, actors = _resources(opts)
         t2 = time.perf_counter()
-    if pending:
-        labelled = consume(build_dataset(pending, manifest, run, art, opts, gpu, actors), pending, counts,
-                           opts.stall_timeout)
+    try:
+        if pending:
+            labelled, read_retries = consume(build_dataset(pending, manifest, run, art, opts, gpu, plan, actors),
+                                             pending, counts, opts.stall_timeout)
+            run.s3_retries += read_retries
+        if retry:
+            logger.info("labelling again %d error rows in %d part files", sum(retry.values()), len(retry))
+            retried, read_retries = consume(
+                build_dataset(sorted(retry), manifest, run, art, opts, gpu, plan, actors, retry), sorted(retry),
+                relabelled, opts.stall_timeout)
+            run.s3_retries += read_retries
+    except IncompleteRunError as exc:  # the record keeps what this invocation met
+        run.s3_retries += exc.s3_retries + storage.retries() - s3_retries_before
+        try:
+            save_run(opts.out, run)
+        except Exception as save_error:  # noqa: BLE001 - the run's own error is the one to report
+            logger.warning("could not update the run record: %s", _one_line(save_error))
+        raise
     if retry:
-        logger.info("labelling again %d error rows in %d part files", sum(retry.values()), len(retry))
-        retried = consume(build_dataset(sorted(retry), manifest, run, art, opts, gpu, actors, retry), sorted(retry),
-                          relabelled, opts.stall_timeout)
         labelled += retried
         counts = {s: counts[s] + relabelled[s] for s in STATUSES}
         counts[STATUS_ERROR] -= retried

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from pipeline import manifest as manifests
 from pipeline.schema import image_id_for
-from pipeline.storage import pyarrow_filesystem, read_retrying, redact
+from pipeline.storage import pyarrow_filesystem, read_object, read_range, redact
 from sempart_core import uri as uris
 
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
@@ -82,31 +82,6 @@ class Sample:
     image_id: str
     data: bytes | None = None
     error: Exception | None = None
-
-
-# ---------------------------------------------------------------- bytes by URI
-
-
-def fetch_bytes(uri: str) -> bytes:
-    """The object's bytes, through pyarrow (local path, file:// or s3://)."""
-    fs, path = pyarrow_filesystem(uri)  # S3: the process's cached client
-
-    def read() -> bytes:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-
-    return read_retrying(read)
-
-
-def fetch_range(uri: str, offset: int, size: int) -> bytes:
-    """`size` bytes at `offset` of the object: one ranged read."""
-    fs, path = pyarrow_filesystem(uri)  # S3: the process's cached client
-
-    def read() -> bytes:
-        with fs.open_input_file(path) as f:
-            return f.read_at(size, offset)
-
-    return read_retrying(read)
 
 
 # ---------------------------------------------------------------- input kinds and the run's manifest
@@ -263,7 +238,7 @@ def _cell_bytes(value: bytes | dict | None) -> bytes:
     """Image bytes of a cell: binary, or {bytes, path} (bytes, else the file at path)."""
     if isinstance(value, dict):
         if value.get("bytes") is None and value.get("path"):
-            return fetch_bytes(value["path"])
+            return read_object(value["path"])
         value = value.get("bytes")
     return value or b""
 
@@ -432,7 +407,7 @@ class ChunkSource:
         else:
             for uri, image_id in zip(rows.column("uri").to_pylist(), rows.column("image_id").to_pylist()):
                 try:
-                    yield Sample(uri, image_id, data=fetch_bytes(uri))
+                    yield Sample(uri, image_id, data=read_object(uri))
                 except Exception as exc:  # noqa: BLE001 - missing, unreadable: an error row
                     yield Sample(uri, image_id, error=exc)
 
@@ -458,13 +433,13 @@ class ImageReader:
     def read(self, uri: str) -> bytes:
         if m := _TAR_URI.match(uri):
             offset, size = self._member(m.group("file"), m.group("member"))
-            return fetch_range(m.group("file"), offset, size)
+            return read_range(m.group("file"), offset, size)
         if m := _PARQUET_URI.match(uri):
             return self._parquet_cell(m.group("file"), int(m.group("row")))
         if _is_shard_name(uri):  # the row of a broken shard: not an image, and never read whole
             raise ValueError(f"{redact(uri)} is a shard, not an image")
         try:
-            return fetch_bytes(uri)
+            return read_object(uri)
         except (FileNotFoundError, OSError, ValueError):
             source = self._path_source(uri)
             if source is None:

@@ -10,15 +10,22 @@ explicitly and passed to every Ray read/write and to Ray Train.
 Helpers resolve the URIs they are given with `pyarrow_filesystem`; clients are cached
 per process and settings, so resolving is a parse, and each process opens one S3 client
 (and its connection pool) per configuration.
+
+Retries (sempart_core/s3settings.py says why none stops for a quota): pyarrow's client
+retries inside the AWS SDK, where they cannot be counted. The reads of whole objects
+and byte ranges, nearly all of a labelling run's requests (one image each), are retried
+here instead, through a client without SDK retries (`read_object`, `read_range`): the
+same attempts and full-jitter backoff as botocore's, each retry counted by
+`retries()`, so that a run can say how much S3 throttled it.
 """
 from __future__ import annotations
 
 import functools
 import os
 import random
+import re
 import time
 from collections.abc import Callable
-from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -26,15 +33,17 @@ import pyarrow.fs as pafs
 from sempart_core.s3settings import ENV_VARS as S3_ENV_VARS
 from sempart_core.s3settings import S3Settings, count_retry, retries  # noqa: F401  (retries: re-export)
 from sempart_core.uri import atomic_local_file  # noqa: F401  (re-export)
-from sempart_core.uri import filesystem as fsspec_filesystem  # noqa: F401  (re-export)
 from sempart_core.uri import redact
 
 S3_SCHEMES = ("s3", "s3a")
-# The AWS SDK writes an error answer's body into the buffer of a GET; when the body is
-# longer than the bytes asked for (a throttled read of an object or range of a few
-# hundred bytes), the call fails at once with this message, which the SDK never retries.
-UNRETRIED_READ_ERROR = "Failed to flush response stream"
-T = TypeVar("T")
+# A failed S3 request worth trying again, as pyarrow words it (the AWS SDK's error type
+# or the HTTP status): throttling, 5xx answers with or without a body, dropped or reset
+# connections, and "Failed to flush response stream" (INTERNAL_FAILURE: an error body
+# longer than the few bytes a GET asked for). A missing object or a refusal is final.
+TRANSIENT_S3_ERROR = re.compile(
+    r"HTTP status (5\d\d|429)|SLOW_DOWN|SERVICE_UNAVAILABLE|THROTTLING|INTERNAL_FAILURE|NETWORK_CONNECTION"
+    r"|REQUEST_TIMEOUT|curlCode|Connection reset|timed out"
+)
 
 
 def is_s3(uri: str) -> bool:
@@ -57,28 +66,29 @@ def s3_env() -> dict[str, str]:
 class RetryingS3FileSystem(pafs.S3FileSystem):
     """pyarrow's S3FileSystem with the AWS SDK's default retry strategy, which has no
     retry quota (sempart_core/s3settings.py: the "standard" strategy's quota runs out
-    under sustained throttling), and that keeps its settings when pickled.
+    under sustained throttling), and that keeps its settings when pickled. With
+    `sdk_retries=False` it tries each request once, for callers that retry themselves.
 
     pyarrow pickles an S3FileSystem without its retry strategy, so a copy sent to a Ray
     worker (Ray Train's storage_filesystem, a read task's file system) would fall back
     to 3 attempts; this one is rebuilt from its S3Settings on the other side.
     """
 
-    def __init__(self, settings: S3Settings):
+    def __init__(self, settings: S3Settings, sdk_retries: bool = True):
         super().__init__(
             **settings.pyarrow_kwargs(),
             # the SDK's count is of retries: the first attempt comes on top
-            retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=settings.max_attempts - 1),
+            retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=settings.max_attempts - 1 if sdk_retries else 0),
         )
-        self.settings = settings
+        self.settings, self.sdk_retries = settings, sdk_retries
 
     def __reduce__(self):
-        return RetryingS3FileSystem, (self.settings,)
+        return RetryingS3FileSystem, (self.settings, self.sdk_retries)
 
 
 @functools.lru_cache(maxsize=8)
-def _pyarrow_s3_for(settings: S3Settings) -> RetryingS3FileSystem:
-    return RetryingS3FileSystem(settings)
+def _pyarrow_s3_for(settings: S3Settings, sdk_retries: bool = True) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(settings, sdk_retries)
 
 
 def pyarrow_s3() -> pafs.S3FileSystem:
@@ -111,15 +121,39 @@ def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 
-def read_retrying(read: Callable[[], T]) -> T:
-    """`read()`, retried when pyarrow fails it with UNRETRIED_READ_ERROR, with the
-    attempts and full-jitter backoff of the other S3 retries (counted as they are)."""
-    attempts = S3Settings.from_env().max_attempts
-    for attempt in range(1, attempts + 1):
+def read_object(uri: str) -> bytes:
+    """The object's bytes (local path, file:// or s3://), retried as the module says."""
+    return _read_retrying(uri, lambda fs, path: _read_all(fs, path))
+
+
+def read_range(uri: str, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of the object: one ranged read, retried as the module says."""
+    return _read_retrying(uri, lambda fs, path: _read_at(fs, path, offset, size))
+
+
+def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _read_at(fs: pafs.FileSystem, path: str, offset: int, size: int) -> bytes:
+    with fs.open_input_file(path) as f:
+        return f.read_at(size, offset)
+
+
+def _read_retrying(uri: str, read: Callable[[pafs.FileSystem, str], bytes]) -> bytes:
+    """`read(fs, path)`; on S3 through a client without SDK retries, each transient
+    failure retried here (botocore's attempts and backoff) and counted."""
+    fs, path = pyarrow_filesystem(uri)
+    if not is_s3(uri):
+        return read(fs, path)
+    settings = S3Settings.from_env()
+    fs = _pyarrow_s3_for(settings, sdk_retries=False)
+    for attempt in range(1, settings.max_attempts + 1):
         try:
-            return read()
+            return read(fs, path)
         except OSError as exc:
-            if UNRETRIED_READ_ERROR not in str(exc) or attempt == attempts:
+            if not TRANSIENT_S3_ERROR.search(str(exc)) or attempt == settings.max_attempts:
                 raise
         count_retry()
         time.sleep(random.random() * min(2 ** (attempt - 1), 20))

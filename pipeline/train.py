@@ -38,7 +38,7 @@ import ray.train.torch
 import torch
 
 from pipeline import manifest as manifests
-from pipeline.cluster import init_ray, worker_resources
+from pipeline.cluster import cluster_plan, init_ray
 from pipeline.storage import is_s3, pyarrow_filesystem, redact, s3_env
 from sempart_core import uri
 from sempart_core.artifact import META_FILE, meta_for_backbone, save_artifact
@@ -188,9 +188,10 @@ def decode_training_batch(
 
 
 def image_dataset(
-    fs: pafs.FileSystem, paths: list[str], cfg: SempartConfig, patch: int, skipped: Any
+    fs: pafs.FileSystem, paths: list[str], cfg: SempartConfig, patch: int, skipped: Any, stage_cpus: float = 1.0
 ) -> ray.data.Dataset:
-    """Read the files (order reshuffled every epoch), decode and augment on CPU tasks.
+    """Read the files (order reshuffled every epoch), decode and augment on CPU tasks
+    that reserve `stage_cpus` each (the resource plan's, cluster.plan_workers).
 
     A small dataset is listed several times over, so that one pass of the Ray dataset
     covers up to EPOCH_ROWS images: every pass restarts the streaming pipeline, which
@@ -203,12 +204,14 @@ def image_dataset(
         filesystem=fs,
         include_paths=True,
         shuffle=ray.data.FileShuffleConfig(seed=cfg.train.seed),
+        ray_remote_args={"num_cpus": stage_cpus},
     )
     return ds.map_batches(
         decode_training_batch,
         batch_size=32,
         batch_format="numpy",
         fn_kwargs={"data": dataclasses.asdict(cfg.data), "patch": patch, "skipped": skipped},
+        num_cpus=stage_cpus,
     )
 
 
@@ -524,15 +527,15 @@ def run_training(job: TrainJob) -> TrainSummary:
     # The per-step lines are training's progress; Ray Data's bars would restart every pass.
     ray.data.DataContext.get_current().enable_progress_bars = False
     skipped = SkippedImages.remote()
-    dataset = image_dataset(fs, paths, cfg, patch_size_of(cfg.backbone.name), skipped)
-    resources, threads = worker_resources(workers, gpu)
+    resources = cluster_plan(workers, gpu)
+    dataset = image_dataset(fs, paths, cfg, patch_size_of(cfg.backbone.name), skipped, resources.stage_cpus)
     env = s3_env()  # for the artifact write (fsspec); Ray Train's uploads use storage_fs
     plan = WorkerPlan(config=cfg, run=job.name, run_uri=run_uri, batch_size_per_worker=cfg.train.batch_size // workers,
-                      torch_threads=threads, resume_from=resume_from)
+                      torch_threads=resources.threads, resume_from=resume_from)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config=plan.to_dict(),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources.resources),
         run_config=ray.train.RunConfig(
             name=job.name,
             storage_path=storage_path,

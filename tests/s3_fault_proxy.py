@@ -41,6 +41,7 @@ class Faults:
     reset: float = 0.02  # connection reset without an answer
     delay: float = 0.05  # forwarded after `delay_s`
     delay_s: float = 2.0
+    only: str | None = None  # faults only for requests whose path contains this (the rest are forwarded)
 
 
 NO_FAULTS = Faults(0.0, 0.0, 0.0, 0.0)
@@ -74,9 +75,11 @@ class FaultProxy:
         self.server.server_close()
         self.thread.join(timeout=10)
 
-    def draw(self) -> str | None:
+    def draw(self, path: str) -> str | None:
         """The fault for the next request, or None: one seeded draw per request."""
         f = self.faults
+        if f.only is not None and f.only not in path:
+            return None
         with self.lock:
             x = self.random.random()
         for name, share in (("slow_down", f.slow_down), ("internal_error", f.internal_error),
@@ -102,7 +105,7 @@ class FaultProxy:
             def do_request(self) -> None:
                 body = self.read_body()
                 signed = "authorization" in {k.lower() for k in self.headers} or "X-Amz-Credential" in self.path
-                fault = proxy.draw()
+                fault = proxy.draw(self.path)
                 proxy.count("requests", *(["signed"] if signed else []), *([fault] if fault else []))
                 if fault == "slow_down":
                     self.error(503, "SlowDown", "Please reduce your request rate.")

@@ -67,3 +67,12 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def local_ray_env(ray_tmp: Path, **extra: str) -> dict[str, str]:
+    """The environment of a `sempart` subprocess that starts its own local Ray (2 CPUs)
+    under `ray_tmp`, seeing no Ray or S3 settings of this process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    repo = str(Path(__file__).resolve().parents[2])
+    env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=repo, SEMPART_NUM_CPUS="2", **extra)
+    return env

@@ -8,12 +8,8 @@ other Ray on this machine sees the record or the local Ray started here.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,31 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from cli_args import ONE_ACTOR
-from processes import free_ports, kill, process_tree, processes_mentioning
+from processes import free_ports, local_ray_env
 
 from pipeline.cluster import ClusterUnreachableError, check_reachable
 
 pytestmark = pytest.mark.integration
 SEMPART = [sys.executable, "-m", "pipeline.cli"]
 HANG_BOUND_S = 600  # a hung run would be killed here and fail the test; a good one takes well under
-
-
-@pytest.fixture
-def ray_tmp() -> Iterator[Path]:
-    """A short private RAY_TMPDIR (Ray puts unix sockets under it: paths must stay short)."""
-    folder = Path(tempfile.mkdtemp(prefix="sj", dir="/tmp"))
-    try:
-        yield folder
-    finally:
-        kill(sorted({pid for p in processes_mentioning(str(folder)) for pid in process_tree(p)} - {os.getpid()}))
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def env_for(ray_tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    repo = str(Path(__file__).resolve().parents[2])
-    env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=repo, SEMPART_NUM_CPUS="2", **extra)
-    return env
 
 
 def images(folder: Path, count: int) -> Path:
@@ -73,7 +51,7 @@ def test_stale_record_neither_hangs_a_label_run_nor_is_joined(ray_tmp: Path, mod
     run = subprocess.run(
         [*SEMPART, "label", "--model", model, "--input", str(images(tmp_path / "in", 3)), "--out", str(out),
          "--no-gpu", *ONE_ACTOR],
-        env=env_for(ray_tmp), capture_output=True, text=True, timeout=HANG_BOUND_S,
+        env=local_ray_env(ray_tmp), capture_output=True, text=True, timeout=HANG_BOUND_S,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert pq.read_table(out).num_rows == 3
@@ -84,7 +62,7 @@ def test_dead_ray_address_fails_fast_with_one_line(ray_tmp: Path, model: str, tm
     run = subprocess.run(
         [*SEMPART, "label", "--model", model, "--input", str(images(tmp_path / "in", 2)),
          "--out", str(tmp_path / "labels"), "--no-gpu", *ONE_ACTOR],
-        env=env_for(ray_tmp, RAY_ADDRESS=f"127.0.0.1:{port}"), capture_output=True, text=True, timeout=HANG_BOUND_S,
+        env=local_ray_env(ray_tmp, RAY_ADDRESS=f"127.0.0.1:{port}"), capture_output=True, text=True, timeout=HANG_BOUND_S,
     )
     assert run.returncode == 2, run.stderr[-3000:]
     assert "Traceback" not in run.stderr

@@ -109,7 +109,7 @@ def test_every_client_rides_out_sustained_throttling(s3_endpoint: str, s3_bucket
     retrying once its per-client quota ran dry; the botocore clients count their retries."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.sources import fetch_bytes
+    from pipeline.storage import read_object
 
     bucket = s3_bucket.removeprefix("s3://")
     bodies = {f"in/{i}": png(i) for i in range(20)} | {"in/tiny": b"t" * 60}
@@ -123,7 +123,7 @@ def test_every_client_rides_out_sustained_throttling(s3_endpoint: str, s3_bucket
         def via_pyarrow(i: int) -> None:
             key = keys[i % len(keys)]
             assert fs.get_file_info(f"{bucket}/{key}").size == len(bodies[key])
-            assert fetch_bytes(f"{s3_bucket}/{key}") == bodies[key]
+            assert read_object(f"{s3_bucket}/{key}") == bodies[key]
             if i % 10 == 0:
                 assert len(fs.get_file_info(pafs.FileSelector(f"{bucket}/in"))) == len(keys)
                 with fs.open_output_stream(f"{bucket}/out/pa-{i}") as f:
@@ -188,6 +188,36 @@ def test_label_s3_to_s3_through_faults(s3_endpoint: str, s3_bucket: str, client,
     runs = client.list_objects_v2(Bucket=bucket, Prefix="labels/_runs/")["Contents"]
     state = json.loads(client.get_object(Bucket=bucket, Key=runs[0]["Key"])["Body"].read())
     assert state["status"] == "finished" and sum(state["counts"].values()) == len(uris)
+
+
+def test_a_file_that_cannot_be_written_ends_the_run_with_one_line_then_resume(
+        s3_endpoint: str, s3_bucket: str, client, ray_session, model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 answers 500 to every request for one part file, through every retry: the run
+    labels the rest and exits 1 naming that file and why (the writer's error used to
+    abort the whole run); --resume then writes it."""
+    ray_session.data.DataContext.get_current().enable_progress_bars = False
+    bucket = s3_bucket.removeprefix("s3://")
+    uris = []
+    for i in range(9):
+        client.put_object(Bucket=bucket, Key=f"in/{i}.png", Body=png(200 + i))
+        uris.append(f"{s3_bucket}/in/{i}.png")
+    command = ["label", "--model", model, "--input", f"{s3_bucket}/in", "--out", f"{s3_bucket}/labels",
+               "--rows-per-file", "3", "--no-gpu", *ONE_ACTOR]
+    monkeypatch.setenv("SEMPART_S3_MAX_ATTEMPTS", "2")
+    with FaultProxy(s3_endpoint, Faults(internal_error=1.0, slow_down=0, reset=0, delay=0, only="-000001.parquet"),
+                    seed=0) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        result = CliRunner().invoke(app, command)
+    assert result.exit_code == 1, result.output
+    assert proxy.counts["internal_error"] >= 2
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: 1 of 3 files were not written (chunks 1): run again with --resume "
+                           "(chunk 1 not written: OSError: "), last
+    assert len(client.list_objects_v2(Bucket=bucket, Prefix="labels/part-")["Contents"]) == 2
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    result = CliRunner().invoke(app, [*command, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert_complete(read_parts(client, bucket, "labels").to_pylist(), uris)
 
 
 def test_train_with_s3_checkpoints_through_faults(s3_endpoint: str, s3_bucket: str, client, ray_session,

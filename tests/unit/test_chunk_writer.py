@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.label import PROGRESS_ROW, ChunkWriter, decode_samples, finish_batch, part_name
-from pipeline.sources import Sample
+from pipeline.label import PROGRESS_ROW, ChunkWriter, decode_chunks, decode_samples, finish_batch, part_name
+from pipeline.sources import ChunkSource, Sample
 from sempart_core.config import PostConfig
 
 
@@ -33,7 +33,8 @@ def test_chunks_complete_on_end_row_and_all_rows(tmp_path: Path) -> None:
     written = {}
     for i, batch in enumerate(batches):
         summary = writer(batch).to_pylist()
-        assert summary[-1] == {"chunk": PROGRESS_ROW, "rows": batch.num_rows, "ok": 0, "empty": 0, "error": 0}
+        assert summary[-1] == {"chunk": PROGRESS_ROW, "rows": batch.num_rows, "ok": 0, "empty": 0, "error": 0,
+                               "s3_retries": None, "given_up": None}
         for rec in summary[:-1]:
             assert rec["chunk"] not in written  # once
             assert i >= end_rows[rec["chunk"]]  # never before its end row
@@ -45,3 +46,31 @@ def test_chunks_complete_on_end_row_and_all_rows(tmp_path: Path) -> None:
         assert table.column("image_id").to_pylist() == [f"{chunk}-{i}" for i in range(n)]  # in order, no end row
         assert set(table.column("status").to_pylist()) <= {"error"}
     assert not list((tmp_path / "_tmp").iterdir())  # no temporary file left, hidden ones included
+
+
+def test_a_chunk_that_cannot_be_read_is_given_up_not_the_run(tmp_path: Path) -> None:
+    """The decode task of a chunk whose manifest cannot be read (storage down through
+    every retry; here it is gone) ends the chunk with a failed end row instead of
+    raising (a raising task ended the whole run); the writer gives the chunk up, says
+    why, and ignores anything else of it; the other chunks are written."""
+    source = ChunkSource(kind="list", manifest=str(tmp_path / "gone.parquet"), rows_per_file=4, total=8,
+                         out=str(tmp_path), run_id="run")
+    [failed] = list(decode_chunks(pa.table({"chunk": [1]}), source, 32, 16))
+    writer = ChunkWriter(str(tmp_path), "run")
+    [given_up, _] = writer(finish_batch(failed, PostConfig(), "model", "run")).to_pylist()
+    assert given_up["chunk"] == 1 and given_up["rows"] == 0
+    assert given_up["given_up"].startswith("chunk 1 not read: FileNotFoundError")
+    for batch in rows_of(1, 3) + rows_of(0, 2):
+        summary = writer(batch).to_pylist()
+        assert all(rec["chunk"] != 1 for rec in summary)
+    assert sorted(p.name for p in tmp_path.glob("part-*")) == [part_name("run", 0)]
+
+
+def test_a_chunk_that_cannot_be_written_is_given_up_not_the_run(tmp_path: Path) -> None:
+    """Writing fails (here OUT is a file, not a folder): the chunk is given up with the
+    reason, and the writer goes on."""
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    writer = ChunkWriter(str(out), "run")
+    summaries = [rec for batch in rows_of(0, 2) for rec in writer(batch).to_pylist() if rec["chunk"] == 0]
+    assert [(r["rows"], r["given_up"].split(":")[0]) for r in summaries] == [(0, "chunk 0 not written")]
