@@ -34,6 +34,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
+from pipeline.outdir import OutDir
 from pipeline.query import query_batches, where_query
 from pipeline.schema import STATUS_EMPTY, STATUS_ERROR, STATUS_OK
 from pipeline.sources import ImageReader
@@ -121,10 +122,10 @@ class UniqueNames:
 
 
 def iter_rows(
-    out_uri: str, columns: list[str], where: str | None, batch_rows: int = BATCH_ROWS
+    out: OutDir, columns: list[str], where: str | None, batch_rows: int = BATCH_ROWS
 ) -> Iterator[list[dict[str, Any]]]:
     """The selected columns of the rows matching `where`, one record batch at a time."""
-    for batch in query_batches(out_uri, where_query(where, columns), batch_rows):
+    for batch in query_batches(out, where_query(where, columns), batch_rows):
         yield batch.to_pylist()
 
 
@@ -174,7 +175,7 @@ def coco_annotation(row: dict[str, Any], annotation_id: int, image_num: int) -> 
     }
 
 
-def export_coco(out_uri: str, path: str | Path, where: str | None = None) -> ExportSummary:
+def export_coco(out_uri: str | OutDir, path: str | Path, where: str | None = None) -> ExportSummary:
     """Write a COCO instances file for the rows matching `where`.
 
     Images: every `ok` and `empty` row (`empty` ones are images without objects);
@@ -183,13 +184,14 @@ def export_coco(out_uri: str, path: str | Path, where: str | None = None) -> Exp
     appended at the end, so one pass over the table suffices.
     """
     start = time.perf_counter()
+    labels = OutDir.at(out_uri)
     path = Path(path)
     summary = ExportSummary(target=str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     with _atomic_text(path) as out, tempfile.TemporaryFile("w+", encoding="utf-8", dir=path.parent) as anns:
-        info = {"description": "sempart pseudo-labels", "source": redact(str(out_uri)), "where": where}
+        info = {"description": "sempart pseudo-labels", "source": labels.name, "where": where}
         out.write(f'{{"info": {json.dumps(info)}, "licenses": [], "categories": [{json.dumps(COCO_CATEGORY)}],\n"images": [')
-        for rows in iter_rows(out_uri, COCO_COLUMNS, where):
+        for rows in iter_rows(labels, COCO_COLUMNS, where):
             for row in rows:
                 _add_coco_row(row, summary, out, anns)
         out.write('\n],\n"annotations": [')
@@ -235,7 +237,7 @@ def _finite_or_none(value: float | None) -> float | None:
 MASK_COLUMNS = ["image_id", "status", "mask_rle"]
 
 
-def export_masks(out_uri: str, folder: str | Path, where: str | None = None) -> ExportSummary:
+def export_masks(out_uri: str | OutDir, folder: str | Path, where: str | None = None) -> ExportSummary:
     """One `<safe image_id>.png` (8-bit, object = 255) per row that has a mask.
 
     `empty` rows give an all-zero PNG (a valid "no object" label); `error` rows none.
@@ -245,7 +247,7 @@ def export_masks(out_uri: str, folder: str | Path, where: str | None = None) -> 
     folder.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(target=str(folder))
     names = UniqueNames()
-    for rows in iter_rows(out_uri, MASK_COLUMNS, where):
+    for rows in iter_rows(OutDir.at(out_uri), MASK_COLUMNS, where):
         for row in rows:
             summary.rows += 1
             _count(summary, row["status"])
@@ -386,7 +388,7 @@ sortCards(1);
 
 
 def export_gallery(
-    out_uri: str, folder: str | Path, where: str | None = None, size: int = THUMB_SIZE
+    out_uri: str | OutDir, folder: str | Path, where: str | None = None, size: int = THUMB_SIZE
 ) -> ExportSummary:
     """A static `index.html` with one thumbnail per row (all statuses) in `thumbs/`.
 
@@ -400,11 +402,12 @@ def export_gallery(
     thumbs.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(target=str(folder / "index.html"))
     names = UniqueNames()
-    reader = ImageReader(str(out_uri))
-    source = f"labels at {redact(str(out_uri))}" + (f", where {where}" if where else "")
+    labels = OutDir.at(out_uri)
+    reader = ImageReader(labels)
+    source = f"labels at {labels.name}" + (f", where {where}" if where else "")
     with _atomic_text(folder / "index.html") as out, concurrent.futures.ThreadPoolExecutor(GALLERY_THREADS) as pool:
         out.write(_GALLERY_HEAD % {"size": size, "source": html.escape(source)})
-        for rows in iter_rows(out_uri, GALLERY_COLUMNS, where):
+        for rows in iter_rows(labels, GALLERY_COLUMNS, where):
             jobs = []
             for row in rows:
                 jobs.append((row, names(row["image_id"]), summary.rows))

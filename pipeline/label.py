@@ -39,29 +39,25 @@ import json
 import logging
 import os
 import queue
-import re
 import threading
 import time
 import uuid
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from pipeline import manifest as manifests
 from pipeline import sources, storage
 from pipeline.cluster import ResourcePlan, cluster_plan, init_ray
-from pipeline.schema import LABELS_SCHEMA, SCHEMA_VERSION, STATUS_ERROR, image_id_for
-from pipeline.storage import atomic_local_file, pyarrow_filesystem, redact, s3_env
-from sempart_core import uri as uris
+from pipeline.outdir import ATTEMPTS_KEY, PART_PATTERN, LabelRun, OutDir, RetryRecord, status_counts, sum_counts
+from pipeline.schema import LABELS_SCHEMA, STATUS_ERROR, STATUSES, image_id_for
+from pipeline.storage import redact, s3_env
 from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
 from sempart_core.config import PostConfig
 from sempart_core.images import decode_image, prepare_image
@@ -76,9 +72,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ROWS_PER_FILE = 1000
 DEFAULT_BATCH_SIZE = 8
-COUNTS_KEY = b"sempart_counts"  # per-file status counts in the Parquet footer
-ATTEMPTS_KEY = b"sempart_attempts"  # image_id -> attempts, for the rows labelled again (--retry-errors)
-STATUSES = ("ok", "empty", "error")
 PROGRESS_EVERY_S = 10.0
 STREAM_STOP_GRACE_S = 5.0  # after a stall, how long the driver waits for the stopped pipeline
 DEFAULT_STALL_TIMEOUT_S = 300.0
@@ -386,20 +379,6 @@ def finish_rows(batch: pa.Table, post: PostConfig, model_id: str, run_id: str) -
     return pa.Table.from_pylist(out, schema=ROWS_SCHEMA)
 
 
-def part_name(run_id: str, chunk: int) -> str:
-    return f"part-{run_id}-{chunk:06d}.parquet"
-
-
-def write_part(table: pa.Table, out: str, name: str) -> None:
-    """Write one file so that readers see all of it or nothing (see module doc)."""
-    fs, root = pyarrow_filesystem(out)
-    if isinstance(fs, pafs.LocalFileSystem):
-        with atomic_local_file(f"{root}/{name}", tmp_dir=f"{root}/_tmp") as f:
-            pq.write_table(table, f, compression="zstd")
-    else:
-        pq.write_table(table, f"{root}/{name}", filesystem=fs, compression="zstd")
-
-
 class ChunkWriter:
     """Actor (exactly one): buffers rows per chunk, writes a chunk when it is complete:
     its end row has come (with the chunk's row count) and that many distinct rows.
@@ -410,7 +389,7 @@ class ChunkWriter:
     once; rows of a chunk it is done with are dropped.
     """
 
-    def __init__(self, out: str, run_id: str, nice: int = 0):
+    def __init__(self, out: OutDir, run_id: str, nice: int = 0):
         lower_priority(nice)
         self.out, self.run_id = out, run_id
         self.parts: dict[int, list[pa.Table]] = defaultdict(list)
@@ -457,7 +436,7 @@ class ChunkWriter:
 
     def flush(self, chunk: int) -> dict:
         retries, table = self.s3_retries[chunk], self.take(chunk)
-        counts = write_labels(table, self.out, part_name(self.run_id, chunk))
+        counts = self.out.write_part(table, OutDir.part_name(self.run_id, chunk))
         return {"chunk": chunk, "rows": table.num_rows, **counts, "s3_retries": retries}
 
     def take(self, chunk: int) -> pa.Table:
@@ -480,26 +459,26 @@ class ChunkWriter:
 class ErrorRetryWriter(ChunkWriter):
     """Actor (exactly one) for --retry-errors: once every error row of a part file is
     labelled again, the file is written again whole with those rows replaced, under its
-    own name (write_part: local temp + rename, on S3 one object replaced whole), so the
+    own name (OutDir.write_part: local temp + rename, on S3 one object replaced whole), so the
     table keeps one row per image whenever the run stops. Emits one summary row per
     file, counting the relabelled rows only."""
 
     def flush(self, chunk: int) -> dict:
         retries, relabelled = self.s3_retries[chunk], self.take(chunk)
-        name = part_name(self.run_id, chunk)
-        fs, root = pyarrow_filesystem(self.out)
-        merged, attempts = merge_retried(pq.read_table(f"{root}/{name}", filesystem=fs), relabelled, name)
-        write_labels(merged, self.out, name, attempts)
+        name = OutDir.part_name(self.run_id, chunk)
+        merged, attempts = merge_retried(self.out.read_part(name), relabelled, name)
+        self.out.write_part(merged, name, attempts)
         return {"chunk": chunk, "rows": relabelled.num_rows, **status_counts(relabelled.column("status").to_pylist()),
                 "s3_retries": retries}
 
 
-def error_samples(samples: Iterator[sources.Sample], chunk: int, out: str, run_id: str) -> Iterator[sources.Sample]:
+def error_samples(
+    samples: Iterator[sources.Sample], chunk: int, out: OutDir, run_id: str
+) -> Iterator[sources.Sample]:
     """The samples of `chunk` that are error rows in its part file, which holds the
     chunk's samples in the same order (--retry-errors)."""
-    name = part_name(run_id, chunk)
-    fs, root = pyarrow_filesystem(out)
-    done = pq.read_table(f"{root}/{name}", columns=["uri", "status"], filesystem=fs)
+    name = OutDir.part_name(run_id, chunk)
+    done = out.read_part(name, columns=["uri", "status"])
     uris_done, statuses = done.column("uri").to_pylist(), done.column("status").to_pylist()
     changed = RuntimeError(f"{name} does not hold the images of its chunk in order: the input changed since the run")
     count = 0
@@ -529,17 +508,6 @@ def merge_retried(old: pa.Table, relabelled: pa.Table, name: str) -> tuple[pa.Ta
     return both.take(index), attempts
 
 
-def write_labels(table: pa.Table, out: str, name: str, attempts: dict[str, int] | None = None) -> dict[str, int]:
-    """Write a part file with its status counts (and the attempts of retried rows) in
-    its footer; returns the counts."""
-    counts = status_counts(table.column("status").to_pylist())
-    meta = {**LABELS_SCHEMA.metadata, COUNTS_KEY: json.dumps(counts).encode()}
-    if attempts:
-        meta[ATTEMPTS_KEY] = json.dumps(attempts).encode()
-    write_part(table.cast(LABELS_SCHEMA).replace_schema_metadata(meta), out, name)
-    return counts
-
-
 SUMMARY_SCHEMA = pa.schema(
     [("chunk", pa.int64()), ("rows", pa.int64())] + [(s, pa.int64()) for s in STATUSES]
     + [("s3_retries", pa.int64()),  # of the chunk's reads (storage.read_object)
@@ -547,191 +515,38 @@ SUMMARY_SCHEMA = pa.schema(
 )
 
 
-def status_counts(statuses: list[str]) -> dict[str, int]:
-    return {s: statuses.count(s) for s in STATUSES}
-
-
-# ---------------------------------------------------------------- run state on disk
-
-
-def _runs_dir(out: str) -> str:
-    return uris.join(out, "_runs")
-
-
-class RunRecordError(LabelUsageError):
-    """OUT/_runs/<run_id>.json cannot be read as a label run record."""
-
-
-RUN_RECORD_VERSION = 1  # raised only when a change is not backward compatible
-
-
-@dataclass
-class RetryRecord:
-    """One --retry-errors pass: its part files, rows and the rows' new statuses."""
-
-    at: str
-    files: int
-    rows: int
-    ok: int = 0
-    empty: int = 0
-    error: int = 0
-
-
-@dataclass
-class LabelRun:
-    """The run record, OUT/_runs/<run_id>.json: what a resume must keep (id, manifest,
-    chunking, model) and what the run did (counts, timings, retries)."""
-
-    run_id: str
-    model_id: str
-    manifest: str | None  # relative to OUT; None: the input is the manifest
-    manifest_rows: int
-    rows: int  # rows labelled: manifest_rows, or fewer with limit
-    rows_per_file: int
-    input_kind: str = "manifest"
-    image_column: str | None = None  # Parquet-with-bytes input: the column of image bytes
-    limit: int | None = None
-    schema_version: int = SCHEMA_VERSION  # of the output table
-    status: str = "running"  # running | finished
-    config: dict = field(default_factory=dict)  # LabelOptions.public() of the first invocation
-    started_at: str = ""
-    finished_at: str | None = None
-    invocations: int = 0  # finished invocations (first run, resumes, retries)
-    counts: dict[str, int] = field(default_factory=dict)
-    timings: dict[str, float] | None = None  # of the last invocation that labelled
-    labelled_last: int | None = None
-    images_per_s: float | None = None
-    last_config: dict | None = None
-    retries: list[RetryRecord] = field(default_factory=list)
-    s3_retries: int = 0  # S3 retries of the image reads and of the driver's requests (storage.py says which count)
-    record_version: int = RUN_RECORD_VERSION
-
-    @property
-    def chunks(self) -> int:
-        return -(-self.rows // self.rows_per_file)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: object, where: str = "run record") -> LabelRun:
-        """Read a record of this or an older version (fields it lacks take defaults);
-        anything else is a RunRecordError of one line."""
-        if not isinstance(data, dict):
-            raise RunRecordError(f"{where} is not a label run record (a JSON object)")
-        version = data.get("record_version", 1)  # records before this field were version 1
-        if not isinstance(version, int) or version > RUN_RECORD_VERSION:
-            raise RunRecordError(f"{where} has record version {version!r}: written by a newer sempart, upgrade it")
-        own = {f.name: f for f in fields(cls)}
-        missing = [n for n, f in own.items() if f.default is MISSING and f.default_factory is MISSING and n not in data]
-        if missing:
-            raise RunRecordError(f"{where} is not a label run record: no {', '.join(missing)}")
-        known = {k: v for k, v in data.items() if k in own}
-        try:
-            known["retries"] = [RetryRecord(**r) for r in known.get("retries", [])]
-            run = cls(**known)
-        except TypeError as exc:
-            raise RunRecordError(f"{where} has a malformed retries entry: {exc}") from None
-        for name in ("manifest_rows", "rows", "rows_per_file", "invocations"):
-            if not isinstance(getattr(run, name), int) or getattr(run, name) < 0:
-                raise RunRecordError(f"{where} has {name} {getattr(run, name)!r}, not a count")
-        if run.rows_per_file < 1:
-            raise RunRecordError(f"{where} has rows_per_file {run.rows_per_file}, not >= 1")
-        return run
-
-
-def find_run(out: str) -> LabelRun | None:
-    """The run recorded in OUT/_runs/ (one run per OUT), or None."""
-    fs, root = pyarrow_filesystem(_runs_dir(out))
-    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    docs = [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".json")]
-    if len(docs) > 1:
-        raise LabelUsageError(f"{redact(out)} holds {len(docs)} runs in _runs/: label into a new OUT")
-    if not docs:
-        return None
-    where = redact(uris.join(_runs_dir(out), docs[0].base_name))
-    try:
-        data = json.loads(uris.read_bytes(uris.join(_runs_dir(out), docs[0].base_name)))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunRecordError(f"{where} is not JSON ({exc}): remove it only if OUT holds no part files") from None
-    return LabelRun.from_dict(data, where)
-
-
-def save_run(out: str, run: LabelRun) -> None:
-    uris.write_bytes(uris.join(_runs_dir(out), f"{run.run_id}.json"), json.dumps(run.to_dict(), indent=2).encode())
-
-
-def done_chunks(out: str, run_id: str) -> dict[int, str]:
-    """Chunk index -> path of every finished part file of this run (temp files excluded)."""
-    fs, root = pyarrow_filesystem(out)
-    pattern = re.compile(rf"^part-{re.escape(run_id)}-(\d+)\.parquet$")
-    found = {}
-    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        m = pattern.match(info.base_name)
-        if m and info.type == pafs.FileType.File:
-            found[int(m.group(1))] = info.path
-    return found
-
-
-def footer_counts(out: str, paths: list[str]) -> list[dict[str, int]]:
-    """Status counts of each finished part file, from its footer only."""
-    fs, _ = pyarrow_filesystem(out)
-
-    def footer(path: str) -> dict[str, int]:
-        return json.loads(pq.read_metadata(path, filesystem=fs).metadata[COUNTS_KEY])
-
-    with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(footer, paths))
-
-
-def sum_counts(per_file: list[dict[str, int]]) -> dict[str, int]:
-    return {s: sum(c[s] for c in per_file) for s in STATUSES}
-
-
-def remove_temp_files(out: str) -> None:
-    """Leftovers of a killed local writer (S3 writes leave no visible partial object)."""
-    fs, root = pyarrow_filesystem(out)
-    if isinstance(fs, pafs.LocalFileSystem) and fs.get_file_info(f"{root}/_tmp").type == pafs.FileType.Directory:
-        fs.delete_dir_contents(f"{root}/_tmp")
-
-
 # ---------------------------------------------------------------- driver
 
 
-def _new_run(opts: LabelOptions, model_id: str) -> LabelRun:
+def _new_run(opts: LabelOptions, out: OutDir, model_id: str) -> LabelRun:
     """Fix the run: its id, manifest (listed now if needed) and chunking."""
-    fs, root = pyarrow_filesystem(opts.out)
-    if any(i.base_name.startswith("part-") for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))):
-        raise LabelUsageError(f"{redact(opts.out)} already holds part files of another run: use a new OUT")
+    if out.part_files():
+        raise LabelUsageError(f"{out.name} already holds part files of another run: use a new OUT")
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    kind = sources.input_kind(opts.input, opts.image_column)
-    image_column = sources.resolve_image_column(opts.input, opts.image_column) if kind == sources.PARQUET else None
-    if kind == sources.SHARDS and (opts.rows_per_file is not None or opts.limit is not None):
+    src = sources.InputSource.resolve(opts.input, opts.image_column)
+    if src.kind == sources.SHARDS and (opts.rows_per_file is not None or opts.limit is not None):
         raise LabelUsageError("--rows-per-file and --limit do not apply to .tar shards (one file per shard): drop them")
-    manifest_rel = None
-    if kind != "manifest":
-        manifest_rel = f"_manifests/{run_id}.parquet"
-        rows, schema = sources.run_manifest(kind, opts.input, image_column, opts.id_column)
-        manifests.write_manifest(rows, uris.join(opts.out, manifest_rel), schema=schema)
-    manifest = uris.join(opts.out, manifest_rel) if manifest_rel else opts.input
-    n = manifests.manifest_rows(manifest)
-    return LabelRun(
-        run_id=run_id, model_id=model_id, input_kind=kind, image_column=image_column, manifest=manifest_rel,
-        manifest_rows=n, rows=n if opts.limit is None else min(n, opts.limit),
-        rows_per_file=1 if kind == sources.SHARDS else opts.rows_per_file or DEFAULT_ROWS_PER_FILE,
-        limit=opts.limit, config=opts.public(), started_at=_now(),
-    )
+    run = LabelRun(run_id=run_id, model_id=model_id, input_kind=src.kind, image_column=src.image_column,
+                   manifest=None, manifest_rows=0, rows=0, limit=opts.limit, config=opts.public(), started_at=_now(),
+                   rows_per_file=1 if src.kind == sources.SHARDS else opts.rows_per_file or DEFAULT_ROWS_PER_FILE)
+    if src.kind != sources.MANIFEST:
+        run.manifest = OutDir.manifest_name(run_id)
+        rows, schema = src.manifest_rows(opts.id_column)
+        manifests.write_manifest(rows, out.manifest_of(run, opts.input), schema=schema)
+    run.manifest_rows = manifests.manifest_rows(out.manifest_of(run, opts.input))
+    run.rows = run.manifest_rows if opts.limit is None else min(run.manifest_rows, opts.limit)
+    return run
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _check_resume(run: LabelRun, opts: LabelOptions, model_id: str) -> None:
+def _check_resume(run: LabelRun, opts: LabelOptions, out: OutDir, model_id: str) -> None:
     """A resume must label the same images with the same model and chunking."""
     if run.model_id != model_id:
         raise LabelUsageError(
-            f"{redact(opts.out)} was labelled with model {run.model_id[:12]}, not {model_id[:12]}: use a new OUT"
+            f"{out.name} was labelled with model {run.model_id[:12]}, not {model_id[:12]}: use a new OUT"
         )
     for key in ("rows_per_file", "limit"):
         given, recorded = getattr(opts, key), getattr(run, key)
@@ -758,15 +573,27 @@ def _resources(opts: LabelOptions) -> tuple[bool, ResourcePlan, int]:
     return gpu, cluster_plan(actors, gpu), actors
 
 
-def build_dataset(
-    pending: list[int], manifest: str, run: LabelRun, art: ArtifactInfo, opts: LabelOptions, gpu: bool,
-    plan: ResourcePlan, actors: int, retry: dict[int, int] | None = None,
-) -> ray.data.Dataset:
+@dataclass
+class Job:
+    """One invocation, resolved once: what `build_dataset` wires together."""
+
+    opts: LabelOptions
+    out: OutDir
+    run: LabelRun
+    art: ArtifactInfo
+    manifest: str  # URI of the run's manifest
+    gpu: bool
+    plan: ResourcePlan
+    actors: int
+
+
+def build_dataset(job: Job, pending: list[int], retry: bool = False) -> ray.data.Dataset:
     """The streaming Ray Data pipeline over the pending chunks; yields summary rows.
-    With `retry` (chunk -> its error rows; --retry-errors) it labels those rows again
-    and rewrites their part files."""
+    With `retry` (--retry-errors) it labels the error rows of those chunks' part files
+    again and rewrites the files."""
     import ray
 
+    opts, out, run, art, gpu, plan, actors = job.opts, job.out, job.run, job.art, job.gpu, job.plan, job.actors
     cfg = art.config
     patch = art.meta.get("patch_size")
     if patch is None:  # an artifact from before sempart.json recorded it
@@ -797,12 +624,12 @@ def build_dataset(
     # (a bug, a library error) is dropped, its chunk is unwritten and named at the end,
     # and --resume labels it. System failures (a lost node) are retried by Ray.
     ds.context.max_errored_blocks = -1
-    source = sources.ChunkSource(kind=run.input_kind, manifest=manifest, rows_per_file=per_file, total=rows,
-                                 out=opts.out, run_id=run_id, image_column=run.image_column)
+    source = sources.ChunkSource(kind=run.input_kind, manifest=job.manifest, rows_per_file=per_file, total=rows,
+                                 out=out, run_id=run_id, image_column=run.image_column)
     ds = ds.map_batches(
         decode_chunks, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"source": source, "image_size": cfg.data.image_size, "patch": patch, "nice": nice,
-                   "errors_of_run": (opts.out, run_id) if retry else None, "decode": decode},
+                   "errors_of_run": (out, run_id) if retry else None, "decode": decode},
         **cpu_stage,
     )
     infer_resources = {"num_cpus": plan.resources["CPU"], "num_gpus": plan.resources.get("GPU", 0.0)}
@@ -836,7 +663,7 @@ def build_dataset(
     return ds.map_batches(
         ErrorRetryWriter if retry else ChunkWriter, batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
-        fn_constructor_kwargs={"out": opts.out, "run_id": run_id, "nice": nice},
+        fn_constructor_kwargs={"out": out, "run_id": run_id, "nice": nice},
         **remote,
     )
 
@@ -950,27 +777,25 @@ def run_label(opts: LabelOptions) -> LabelSummary:
     if opts.retry_errors and not opts.resume:
         raise LabelUsageError("--retry-errors relabels the error rows of the run in OUT: add --resume")
     art = read_artifact_info(opts.model)  # sempart.json only: the driver needs no torch
-    run = find_run(opts.out)
+    out = OutDir.at(opts.out)
+    run = out.find_run()
     if run is not None and not opts.resume:
-        raise LabelUsageError(
-            f"{redact(opts.out)} already holds run {run.run_id}: pass --resume to finish it, or use a new OUT"
-        )
+        raise LabelUsageError(f"{out.name} already holds run {run.run_id}: pass --resume to finish it, or use a new OUT")
     if run is None and opts.retry_errors:
-        raise LabelUsageError(f"{redact(opts.out)} holds no run to retry: label into it first")
+        raise LabelUsageError(f"{out.name} holds no run to retry: label into it first")
     resumed = run is not None
     if run is not None:
-        _check_resume(run, opts, art.model_id)
-        logger.info("resuming run %s in %s", run.run_id, redact(opts.out))
+        _check_resume(run, opts, out, art.model_id)
+        logger.info("resuming run %s in %s", run.run_id, out.name)
     else:
-        run = _new_run(opts, art.model_id)
-        save_run(opts.out, run)
-        logger.info("run %s: %d images -> %s", run.run_id, run.rows, redact(opts.out))
+        run = _new_run(opts, out, art.model_id)
+        out.save_run(run)
+        logger.info("run %s: %d images -> %s", run.run_id, run.rows, out.name)
     t_list = time.perf_counter() - t0
-    manifest = uris.join(opts.out, run.manifest) if run.manifest else opts.input
-    remove_temp_files(opts.out)
-    done = {k: p for k, p in done_chunks(opts.out, run.run_id).items() if k < run.chunks}
-    per_file = dict(zip(done, footer_counts(opts.out, list(done.values()))))
-    counts = sum_counts(list(per_file.values()))
+    out.remove_temp_files()
+    done = {k: p for k, p in out.done_chunks(run.run_id).items() if k < run.chunks}
+    per_file = dict(zip(done, out.footer_counts(list(done.values()))))
+    counts = sum_counts(per_file.values())
     pending = [k for k in range(run.chunks) if k not in done]
     # Files finished before this invocation; those it writes now got their first try.
     retry = {k: c[STATUS_ERROR] for k, c in per_file.items() if c[STATUS_ERROR]} if opts.retry_errors else {}
@@ -980,23 +805,21 @@ def run_label(opts: LabelOptions) -> LabelSummary:
     labelled, retried, relabelled, t2 = 0, 0, dict.fromkeys(STATUSES, 0), t1
     if pending or retry:
         init_ray()
-        gpu, plan, actors = _resources(opts)
+        job = Job(opts, out, run, art, out.manifest_of(run, opts.input), *_resources(opts))
         t2 = time.perf_counter()
     try:
         if pending:
-            labelled, read_retries = consume(build_dataset(pending, manifest, run, art, opts, gpu, plan, actors),
-                                             pending, counts, opts.stall_timeout)
+            labelled, read_retries = consume(build_dataset(job, pending), pending, counts, opts.stall_timeout)
             run.s3_retries += read_retries
         if retry:
             logger.info("labelling again %d error rows in %d part files", sum(retry.values()), len(retry))
-            retried, read_retries = consume(
-                build_dataset(sorted(retry), manifest, run, art, opts, gpu, plan, actors, retry), sorted(retry),
-                relabelled, opts.stall_timeout)
+            retried, read_retries = consume(build_dataset(job, sorted(retry), retry=True), sorted(retry),
+                                            relabelled, opts.stall_timeout)
             run.s3_retries += read_retries
     except IncompleteRunError as exc:  # the record keeps what this invocation met
         run.s3_retries += exc.s3_retries + storage.retries() - s3_retries_before
         try:
-            save_run(opts.out, run)
+            out.save_run(run)
         except Exception as save_error:  # noqa: BLE001 - the run's own error is the one to report
             logger.warning("could not update the run record: %s", _one_line(save_error))
         raise
@@ -1011,7 +834,7 @@ def run_label(opts: LabelOptions) -> LabelSummary:
     summary = LabelSummary(
         run_id=run.run_id, counts=counts, total=sum(counts.values()), labelled_now=labelled,
         seconds=total_s, images_per_s=labelled / t_label if labelled else 0.0,
-        table=uris.join(redact(opts.out), "part-*.parquet"), resumed=resumed,
+        table=f"{out.name.rstrip('/')}/{PART_PATTERN}", resumed=resumed,
         timings={k: round(v, 3) for k, v in timings.items()},
         retried=retried, still_errors=relabelled[STATUS_ERROR],
     )
@@ -1021,5 +844,5 @@ def run_label(opts: LabelOptions) -> LabelSummary:
     if labelled or run.timings is None:  # throughput of the last invocation that labelled
         run.timings, run.labelled_last = summary.timings, labelled
         run.images_per_s, run.last_config = round(summary.images_per_s, 3), opts.public()
-    save_run(opts.out, run)
+    out.save_run(run)
     return summary

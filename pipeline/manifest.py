@@ -20,11 +20,11 @@ import io
 import itertools
 import logging
 import os
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.schema import image_id_for
-from pipeline.storage import is_s3, pyarrow_filesystem, redact, s3_client
+from pipeline.storage import atomic_local_file, is_s3, pyarrow_filesystem, redact, s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -191,36 +191,34 @@ def write_manifest(
 ) -> int:
     """Stream rows into a Parquet manifest at `out` (path or URI); returns the row count.
 
-    Readers never see a partial manifest: a local file is written under a temporary
-    name and renamed; an S3 object appears only when its upload completes.
+    Readers never see a partial manifest: a local file is written by
+    `atomic_local_file` (a hidden temporary name, then a rename); an S3 object appears
+    only when its upload completes.
     """
     fs, path = pyarrow_filesystem(out)
-    local = isinstance(fs, pafs.LocalFileSystem)
-    target = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp" if local else path
-    if local:
-        fs.create_dir(os.path.dirname(path), recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        with atomic_local_file(path) as stream:
+            count = _write_rows(rows, stream, schema, chunk_rows)
+    else:
+        with fs.open_output_stream(path) as stream:
+            count = _write_rows(rows, stream, schema, chunk_rows)
+    logger.debug("manifest: %d rows -> %s", count, redact(out))
+    return count
+
+
+def _write_rows(rows: Iterable[dict], stream: Any, schema: pa.Schema, chunk_rows: int) -> int:
     count = 0
-    try:
-        with fs.open_output_stream(target) as stream, pq.ParquetWriter(
-            stream, schema, compression="zstd"
-        ) as writer:
-            buffer: list[dict] = []
-            for row in rows:
-                buffer.append(row)
-                if len(buffer) >= chunk_rows:
-                    writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
-                    count += len(buffer)
-                    buffer.clear()
-            if buffer or count == 0:
+    with pq.ParquetWriter(stream, schema, compression="zstd") as writer:
+        buffer: list[dict] = []
+        for row in rows:
+            buffer.append(row)
+            if len(buffer) >= chunk_rows:
                 writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
                 count += len(buffer)
-        if local:
-            fs.move(target, path)
-    except BaseException:
-        if local and fs.get_file_info(target).type == pafs.FileType.File:
-            fs.delete_file(target)
-        raise
-    logger.debug("manifest: %d rows -> %s", count, redact(out))
+                buffer.clear()
+        if buffer or count == 0:
+            writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+            count += len(buffer)
     return count
 
 
@@ -229,28 +227,8 @@ def build_manifest(src: str, out: str, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> 
     return write_manifest(list_images(src), out, chunk_rows)
 
 
-def source_kind(src: str) -> str:
-    """'folder' (folder or prefix), 'manifest' (.parquet file) or 'list' (text of URIs)."""
-    fs, path = pyarrow_filesystem(src)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        return "manifest" if path.lower().endswith(".parquet") else "list"
-    if info.type == pafs.FileType.Directory or (is_s3(src) and info.type == pafs.FileType.NotFound):
-        return "folder"  # an S3 prefix with no marker object reads as NotFound
-    raise FileNotFoundError(f"no such file or folder: {redact(src)}")
-
-
-def input_rows(src: str) -> Iterator[dict]:
-    """Rows (at least `uri`) of the images SRC names, whatever its kind (`source_kind`)."""
-    kind = source_kind(src)
-    if kind == "folder":
-        return list_images(src)
-    if kind == "list":
-        return read_uri_list(src)
-    return _manifest_uris(src)
-
-
-def _manifest_uris(manifest: str) -> Iterator[dict]:
+def manifest_uris(manifest: str) -> Iterator[dict]:
+    """Rows holding the `uri` of each row of a manifest Parquet, streamed."""
     fs, path = pyarrow_filesystem(manifest)
     with fs.open_input_file(path) as f:
         for batch in pq.ParquetFile(f).iter_batches(columns=["uri"]):

@@ -14,7 +14,6 @@ files (`read_csv('/etc/passwd')`, `COPY`) either.
 from __future__ import annotations
 
 import datetime as dt
-import fnmatch
 import json
 import logging
 import math
@@ -26,15 +25,13 @@ import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 
+from pipeline.outdir import PART_PATTERN, OutDir
 from pipeline.schema import LABELS_SCHEMA
-from pipeline.storage import pyarrow_filesystem, redact
 
 logger = logging.getLogger(__name__)
 
 TABLE_NAME = "labels"
-PART_PATTERN = "part-*.parquet"
 DEFAULT_BATCH_ROWS = 1024
 
 # Settings that make a connection unable to touch anything but registered tables.
@@ -50,35 +47,18 @@ class QueryError(ValueError):
     """A query that is not a single read-only SELECT, or that DuckDB rejects."""
 
 
-def part_files(out_uri: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The data files of the table at OUT, sorted (so row order is reproducible).
-
-    Only OUT's own level is listed: `_tmp/`, `_runs/`, `_manifests/` and other
-    sub-folders are never entered, and `_x`, `.x` or `part-1.parquet.tmp` names do
-    not match the pattern.
-    """
-    fs, base = pyarrow_filesystem(out_uri)
-    infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
-    files = sorted(
-        info.path
-        for info in infos
-        if info.type == pafs.FileType.File and fnmatch.fnmatchcase(info.base_name, PART_PATTERN)
-    )
-    return fs, files
-
-
-def open_labels(out_uri: str) -> pads.Dataset:
-    """A pyarrow dataset over OUT's part files, read with the contract's schema.
+def open_labels(out: str | OutDir) -> pads.Dataset:
+    """A pyarrow dataset over OUT's part files (`OutDir.part_files`: never `_tmp/`,
+    `_runs/`, `_manifests/` or partial names), read with the contract's schema.
 
     Raises FileNotFoundError when OUT holds no part files (nothing labelled there yet).
     """
-    fs, files = part_files(out_uri)
+    out = OutDir.at(out)
+    files = out.part_files()
     if not files:
-        raise FileNotFoundError(
-            f"no {PART_PATTERN} files under {redact(str(out_uri))}: is this the --out of `sempart label`?"
-        )
-    logger.debug("labels table at %s: %d part files", redact(str(out_uri)), len(files))
-    return pads.dataset(files, schema=LABELS_SCHEMA, format="parquet", filesystem=fs)
+        raise FileNotFoundError(f"no {PART_PATTERN} files under {out.name}: is this the --out of `sempart label`?")
+    logger.debug("labels table at %s: %d part files", out.name, len(files))
+    return pads.dataset(files, schema=LABELS_SCHEMA, format="parquet", filesystem=out.fs)
 
 
 def check_read_only(sql: str) -> str:
@@ -113,9 +93,9 @@ def where_query(predicate: str | None, columns: list[str] | None = None) -> str:
 
 
 @contextmanager
-def labels_connection(out_uri: str) -> Iterator[duckdb.DuckDBPyConnection]:
+def labels_connection(out: str | OutDir) -> Iterator[duckdb.DuckDBPyConnection]:
     """An in-memory DuckDB connection where `labels` is OUT's table and nothing else is reachable."""
-    dataset = open_labels(out_uri)
+    dataset = open_labels(out)
     con = duckdb.connect(config=dict(_SAFE_CONFIG))
     try:
         con.register(TABLE_NAME, dataset)
@@ -126,7 +106,7 @@ def labels_connection(out_uri: str) -> Iterator[duckdb.DuckDBPyConnection]:
 
 
 def query_batches(
-    out_uri: str, sql: str, batch_rows: int = DEFAULT_BATCH_ROWS
+    out: str | OutDir, sql: str, batch_rows: int = DEFAULT_BATCH_ROWS
 ) -> Iterator[pa.RecordBatch]:
     """Stream the result of a read-only query as record batches of at most `batch_rows`.
 
@@ -134,7 +114,7 @@ def query_batches(
     whatever the query itself needs, e.g. a sort).
     """
     check_read_only(sql)
-    with labels_connection(out_uri) as con:
+    with labels_connection(out) as con:
         reader = _execute(con, sql, batch_rows)
         try:
             yield from reader
@@ -142,7 +122,7 @@ def query_batches(
             raise QueryError(f"query failed: {_first_line(exc)}") from exc
 
 
-def run_query(out_uri: str, sql: str, limit: int | None = None) -> pa.Table:
+def run_query(out: str | OutDir, sql: str, limit: int | None = None) -> pa.Table:
     """The result of a read-only SQL query over the table `labels`, as an Arrow table.
 
     With `limit`, only the first `limit` rows are fetched (the scan stops there).
@@ -152,7 +132,7 @@ def run_query(out_uri: str, sql: str, limit: int | None = None) -> pa.Table:
     check_read_only(sql)
     batches: list[pa.RecordBatch] = []
     taken = 0
-    with labels_connection(out_uri) as con:
+    with labels_connection(out) as con:
         reader = _execute(con, sql, DEFAULT_BATCH_ROWS)
         try:
             for batch in reader:

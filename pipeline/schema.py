@@ -14,6 +14,7 @@ SCHEMA_VERSION = 1
 STATUS_OK = "ok"
 STATUS_EMPTY = "empty"
 STATUS_ERROR = "error"
+STATUSES = (STATUS_OK, STATUS_EMPTY, STATUS_ERROR)
 
 RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 BOX_TYPE = pa.list_(pa.float32())  # 4 values, xyxy; a plain list reads everywhere

@@ -1,7 +1,7 @@
 """What `sempart label` reads: the kinds of input, the images of one chunk, reading one back.
 
-Input kinds (`input_kind`), and what the run's manifest (OUT/_manifests/<run_id>.parquet,
-written once when the run starts) holds for each:
+Input kinds (`InputSource.resolve` decides, once per run), and what the run's manifest
+(OUT/_manifests/<run_id>.parquet, written once when the run starts) holds for each:
 
 - images (`folder`, `list`, `manifest`): a folder/prefix of image files, a text file of
   image URIs, or a manifest Parquet with a `uri` column (used as is). One manifest row
@@ -36,13 +36,13 @@ import pyarrow.parquet as pq
 
 from pipeline import manifest as manifests
 from pipeline.schema import image_id_for
-from pipeline.storage import pyarrow_filesystem, read_object, read_range, redact
-from sempart_core import uri as uris
+from pipeline.outdir import LabelRun, OutDir
+from pipeline.storage import is_s3, pyarrow_filesystem, read_object, read_range, redact
 
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
 IMAGE_COLUMNS = ("image", "jpg", "img", "bytes")  # detected when --image-column is not given
 STREAM_BUFFER = 8 * 2**20  # bytes per read request while streaming a shard
-IMAGE_KINDS = ("folder", "list", "manifest")
+FOLDER, LIST, MANIFEST = "folder", "list", "manifest"  # images
 SHARDS, PARQUET = "shards", "parquet"
 
 BYTES_MANIFEST_SCHEMA = pa.schema(
@@ -121,63 +121,85 @@ def _first_uri(src: str) -> str | None:
     return next((row["uri"] for row in manifests.read_uri_list(src)), None)
 
 
-def input_kind(src: str, image_column: str | None = None) -> str:
-    """`shards`, `parquet` or an image kind (`manifest.source_kind`) for an --input.
+@dataclass(frozen=True)
+class InputSource:
+    """An --input (or --data), resolved once (`InputSource.resolve`): what the run reads
+    (`kind`, as the run record keeps it) and how SRC names it (`layout`)."""
 
-    A folder/prefix is told by its first entries (it holds one kind of file); a Parquet
-    file is a table of image bytes when it has --image-column or a detectable image
-    column, else a manifest (a `uri` column)."""
-    if _BRACES.search(src):
-        return SHARDS
-    kind = manifests.source_kind(src)
-    if kind == "list":
-        return SHARDS if _is_shard_name(src) or _is_shard_name(_first_uri(src) or "") else kind
-    if kind == "manifest":
-        return PARQUET if find_image_column(_parquet_schema(src), image_column, src) else kind
-    names = manifests.first_names(src)
-    if any(map(_is_shard_name, names)):
-        return SHARDS
-    if any(map(_is_parquet_name, names)) and not any(map(manifests.is_image_name, names)):
-        return PARQUET
-    return kind
+    uri: str
+    kind: str  # folder | list | manifest (images), shards or parquet
+    layout: str  # folder (a folder/prefix) | file (one file) | list (a text file of URIs) | pattern (braces)
+    image_column: str | None = None  # parquet: the column of image bytes
+
+    @classmethod
+    def resolve(cls, src: str, image_column: str | None = None) -> InputSource:
+        """A folder/prefix is told by its first entries (it holds one kind of file); a
+        Parquet file is a table of image bytes when it has --image-column or a detectable
+        image column, else a manifest (a `uri` column); another file is a text list of
+        image or shard URIs, or one .tar shard."""
+        if _BRACES.search(src):
+            return cls(src, SHARDS, "pattern")
+        fs, path = pyarrow_filesystem(src)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            if path.lower().endswith(".parquet"):
+                column = find_image_column(_parquet_schema(src), image_column, src)
+                return cls(src, PARQUET, "file", column) if column else cls(src, MANIFEST, "file")
+            if _is_shard_name(src):
+                return cls(src, SHARDS, "file")
+            return cls(src, SHARDS if _is_shard_name(_first_uri(src) or "") else LIST, "list")
+        if info.type != pafs.FileType.Directory and not (is_s3(src) and info.type == pafs.FileType.NotFound):
+            raise FileNotFoundError(f"no such file or folder: {redact(src)}")  # an S3 prefix reads as NotFound
+        names = manifests.first_names(src)
+        if any(map(_is_shard_name, names)):
+            return cls(src, SHARDS, "folder")
+        if any(map(_is_parquet_name, names)) and not any(map(manifests.is_image_name, names)):
+            return cls(src, PARQUET, "folder", _folder_image_column(src, image_column))
+        return cls(src, FOLDER, "folder")
+
+    def image_rows(self) -> Iterator[dict]:
+        """Manifest rows (at least `uri`) of the images of an image kind."""
+        if self.kind == FOLDER:
+            return manifests.list_images(self.uri)
+        if self.kind == LIST:
+            return manifests.read_uri_list(self.uri)
+        if self.kind == MANIFEST:
+            return manifests.manifest_uris(self.uri)
+        raise ValueError(f"{redact(self.uri)} holds {self.kind}: give a folder, a list or a manifest of images")
+
+    def manifest_rows(self, id_column: str | None = None) -> tuple[Iterator[dict], pa.Schema]:
+        """Rows and schema of the run's manifest (inputs other than a manifest)."""
+        if self.kind == SHARDS:
+            return self._shard_rows(), manifests.MANIFEST_SCHEMA
+        if self.kind == PARQUET:
+            return _bytes_rows(self._parquet_files(), self.image_column, id_column), BYTES_MANIFEST_SCHEMA
+        return self.image_rows(), manifests.MANIFEST_SCHEMA
+
+    def _shard_rows(self) -> Iterator[dict]:
+        if self.layout == "pattern":
+            return ({"uri": u, "image_id": image_id_for(u)} for u in expand_braces(self.uri))
+        if self.layout == "file":
+            return iter([{"uri": self.uri, "image_id": image_id_for(self.uri)}])
+        if self.layout == "list":
+            return ({**row, "image_id": image_id_for(row["uri"])} for row in manifests.read_uri_list(self.uri))
+        return manifests.list_images(self.uri, accept=_is_shard_name)
+
+    def _parquet_files(self) -> Iterator[str]:
+        if self.layout == "file":
+            return iter([self.uri])
+        return (row["uri"] for row in manifests.list_images(self.uri, accept=_is_parquet_name))
 
 
-def resolve_image_column(src: str, given: str | None) -> str:
-    """The image column of a Parquet input, from its first file (checked on every file)."""
-    first = next(_parquet_files(src), None)
+def _folder_image_column(src: str, given: str | None) -> str:
+    """The image column of a folder of Parquet files, from its first file (checked on
+    every file as it is listed)."""
+    first = next((row["uri"] for row in manifests.list_images(src, accept=_is_parquet_name)), None)
     if first is None:
         raise FileNotFoundError(f"no .parquet files under {redact(src)}")
     column = find_image_column(_parquet_schema(first), given, first)
     if column is None:
         raise ValueError(f"{redact(first)} has no image column ({', '.join(IMAGE_COLUMNS)}): name it with --image-column")
     return column
-
-
-def run_manifest(kind: str, src: str, image_column: str | None, id_column: str | None) -> tuple[Iterator[dict], pa.Schema]:
-    """Rows and schema of the run's manifest for an input of `kind` (not `manifest`);
-    `image_column` of a `parquet` input as `resolve_image_column` gives it."""
-    if kind == SHARDS:
-        return _shard_rows(src), manifests.MANIFEST_SCHEMA
-    if kind == PARQUET:
-        return _bytes_rows(src, image_column, id_column), BYTES_MANIFEST_SCHEMA
-    return manifests.input_rows(src), manifests.MANIFEST_SCHEMA
-
-
-def _shard_rows(src: str) -> Iterator[dict]:
-    if _BRACES.search(src):
-        return ({"uri": u, "image_id": image_id_for(u)} for u in expand_braces(src))
-    if _is_shard_name(src):  # one .tar
-        return iter([{"uri": src, "image_id": image_id_for(src)}])
-    if manifests.source_kind(src) == "list":
-        return ({**row, "image_id": image_id_for(row["uri"])} for row in manifests.read_uri_list(src))
-    return manifests.list_images(src, accept=_is_shard_name)
-
-
-def _parquet_files(src: str) -> Iterator[str]:
-    fs, path = pyarrow_filesystem(src)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        return iter([src])
-    return (row["uri"] for row in manifests.list_images(src, accept=_is_parquet_name))
 
 
 # ---------------------------------------------------------------- Parquet files of image bytes
@@ -208,9 +230,9 @@ def find_image_column(schema: pa.Schema, given: str | None, where: str) -> str |
     return next((c for c in IMAGE_COLUMNS if c in schema.names and _is_image_type(schema.field(c).type)), None)
 
 
-def _bytes_rows(src: str, image_column: str, id_column: str | None) -> Iterator[dict]:
+def _bytes_rows(files: Iterator[str], image_column: str, id_column: str | None) -> Iterator[dict]:
     """One manifest row per image row, reading only the id and `path` columns."""
-    for file in _parquet_files(src):
+    for file in files:
         fs, path = pyarrow_filesystem(file)
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
@@ -376,11 +398,6 @@ def _preferred(ext: str, current: str) -> bool:
 # ---------------------------------------------------------------- one chunk of a run
 
 
-def members_uri(out: str, run_id: str, chunk: int) -> str:
-    """Where the member index of shard `chunk` of a run is kept."""
-    return uris.join(out, "_manifests", run_id, f"members-{chunk:06d}.parquet")
-
-
 @dataclass(frozen=True)
 class ChunkSource:
     """How a decode task finds the images of chunk k (see the module doc)."""
@@ -389,7 +406,7 @@ class ChunkSource:
     manifest: str  # the run's manifest (URI)
     rows_per_file: int  # manifest rows per chunk
     total: int  # manifest rows of the run
-    out: str
+    out: OutDir
     run_id: str
     image_column: str | None = None  # `parquet` only
 
@@ -401,7 +418,7 @@ class ChunkSource:
         )
         if self.kind == SHARDS:
             for shard in rows.column("uri").to_pylist():
-                yield from shard_samples(shard, members_uri(self.out, self.run_id, chunk))
+                yield from shard_samples(shard, self.out.members_uri(self.run_id, chunk))
         elif self.kind == PARQUET:
             yield from parquet_samples(rows, self.image_column)
         else:
@@ -423,9 +440,9 @@ class ImageReader:
     image struct is found in the run's manifest; anything else is read by its URI.
     """
 
-    def __init__(self, out: str | None = None):
+    def __init__(self, out: OutDir | None = None):
         self.out = out
-        self._run: dict | None = None
+        self._run: LabelRun | None = None
         self._shards: dict[str, int] | None = None
         self._members: dict[int, dict[str, tuple[int, int]]] = {}
         self._paths: dict[str, tuple[str, int]] | None = None
@@ -446,31 +463,31 @@ class ImageReader:
                 raise
             return self._parquet_cell(*source)
 
-    def run(self) -> dict:
-        """The run record of OUT (`label.LabelRun` as a dict; empty without one)."""
-        if self._run is None:
-            from pipeline.label import find_run  # label imports this module
-
-            found = find_run(self.out) if self.out else None
-            self._run = found.to_dict() if found is not None else {}
+    def run(self) -> LabelRun | None:
+        """The run record of OUT (None without OUT or record)."""
+        if self._run is None and self.out is not None:
+            self._run = self.out.find_run()
         return self._run
 
-    def _manifest(self) -> str | None:
+    def _manifest(self, kind: str) -> str | None:
+        """The run's own manifest when the run read an input of `kind`."""
         run = self.run()
-        return uris.join(self.out, run["manifest"]) if run.get("manifest") else None
+        if run is None or run.input_kind != kind or not run.manifest:
+            return None
+        return self.out.manifest_of(run, "")
 
     def _member(self, shard: str, member: str) -> tuple[int, int]:
-        run, manifest = self.run(), self._manifest()
-        if run.get("input_kind") != SHARDS or manifest is None:
-            raise FileNotFoundError(f"{redact(shard)}: no member index (not a shard run in {redact(self.out or '')})")
+        manifest = self._manifest(SHARDS)
+        if manifest is None:
+            raise FileNotFoundError(f"{redact(shard)}: no member index (not a shard run in {self.out.name if self.out else '-'})")
         if self._shards is None:
             uris_ = _read_table(manifest, ["uri"]).column("uri").to_pylist()
             self._shards = {u: k for k, u in enumerate(uris_)}
         chunk = self._shards.get(shard)
         if chunk is None:
-            raise FileNotFoundError(f"{redact(shard)} is not a shard of run {run['run_id']}")
+            raise FileNotFoundError(f"{redact(shard)} is not a shard of run {self.run().run_id}")
         if chunk not in self._members:
-            table = _read_table(members_uri(self.out, run["run_id"], chunk))
+            table = _read_table(self.out.members_uri(self.run().run_id, chunk))
             self._members[chunk] = {
                 r["member"]: (r["offset"], r["size"]) for r in table.select(["member", "offset", "size"]).to_pylist()
             }
@@ -480,15 +497,16 @@ class ImageReader:
         return found
 
     def _parquet_cell(self, file: str, row: int) -> bytes:
-        column = self.run().get("image_column") or find_image_column(_parquet_schema(file), None, file)
+        run = self.run()
+        column = (run.image_column if run else None) or find_image_column(_parquet_schema(file), None, file)
         if column is None:
             raise ValueError(f"{redact(file)} has no image column")
         return _cell_bytes(read_parquet_rows(file, [row], column)[0])
 
     def _path_source(self, uri: str) -> tuple[str, int] | None:
         """(file, row) of a row whose uri is a struct `path` (held in memory once loaded)."""
-        manifest = self._manifest()
-        if self.run().get("input_kind") != PARQUET or manifest is None:
+        manifest = self._manifest(PARQUET)
+        if manifest is None:
             return None
         if self._paths is None:
             table = _read_table(manifest, ["uri", "file", "file_row"])

@@ -39,6 +39,7 @@ import torch
 
 from pipeline import manifest as manifests
 from pipeline.cluster import cluster_plan, init_ray
+from pipeline.sources import InputSource
 from pipeline.storage import is_s3, pyarrow_filesystem, redact, s3_env
 from sempart_core import uri
 from sempart_core.artifact import META_FILE, meta_for_backbone, save_artifact
@@ -148,7 +149,7 @@ def _uris_to_paths(uris: list[str]) -> tuple[pafs.FileSystem, list[str]]:
 def training_image_paths(src: str) -> tuple[pafs.FileSystem, list[str]]:
     """(file system, paths) of the training images named by SRC: a folder or prefix, a
     manifest Parquet or a text file of URIs, read as `sempart label` reads its input."""
-    uris = [row["uri"] for row in manifests.input_rows(src)]
+    uris = [row["uri"] for row in InputSource.resolve(src).image_rows()]
     if not uris:
         raise ValueError(f"no image files ({', '.join(sorted(manifests.IMAGE_EXTENSIONS))}) in {redact(src)}")
     return _uris_to_paths(uris)

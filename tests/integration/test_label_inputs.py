@@ -22,6 +22,7 @@ from cli_args import ONE_ACTOR
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.outdir import OutDir
 from pipeline.schema import image_id_for
 from pipeline.sources import ImageReader
 from pipeline.storage import pyarrow_filesystem
@@ -147,7 +148,7 @@ def check_table(rows: list[dict], expect: dict[str, dict], model: str, out: str)
     """One row per expected image: ids, URIs, statuses, errors; masks equal to predict;
     each image read back from its URI."""
     assert sorted(r["image_id"] for r in rows) == sorted(expect)
-    predictor, reader = load_predictor(model), ImageReader(out)
+    predictor, reader = load_predictor(model), ImageReader(OutDir.at(out))
     for row in rows:
         want = expect[row["image_id"]]
         assert row["uri"] == want["uri"]

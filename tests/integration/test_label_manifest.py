@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from pipeline import manifest as m
 from pipeline.cli import app
 from pipeline.schema import image_id_for
+from pipeline.sources import InputSource
 
 pytestmark = pytest.mark.integration
 
@@ -62,19 +63,19 @@ def test_uri_list_and_manifest_without_ids(tmp_path: Path) -> None:
     (tmp_path / "lists").mkdir()
     listing = tmp_path / "lists" / "uris.txt"
     listing.write_text("# images\nrel/x.png\n\n  /abs/y.jpg \ns3://bucket/k/z.png\n")
-    assert m.source_kind(str(listing)) == "list"
+    assert InputSource.resolve(str(listing)).kind == "list"
     rows = list(m.read_uri_list(str(listing)))
     assert [r["uri"] for r in rows] == [str(tmp_path / "lists/rel/x.png"), "/abs/y.jpg", "s3://bucket/k/z.png"]
     assert all(r["size"] is None for r in rows)
 
     bare = tmp_path / "bare.parquet"  # a user's manifest: just a uri column
     pq.write_table(pa.table({"uri": ["/a.png", "/b.png"]}), bare)
-    assert m.source_kind(str(bare)) == "manifest"
+    assert InputSource.resolve(str(bare)).kind == "manifest"
     part = m.read_manifest_slice(str(bare), 1, 2)
     assert part.column("image_id").to_pylist() == [image_id_for("/b.png")]
-    assert m.source_kind(str(tmp_path)) == "folder"
+    assert InputSource.resolve(str(tmp_path / "lists")).kind == "folder"
     with pytest.raises(FileNotFoundError):
-        m.source_kind(str(tmp_path / "missing"))
+        InputSource.resolve(str(tmp_path / "missing"))
 
 
 def test_s3_listing_pages_and_cli(s3_bucket: str, tmp_path: Path) -> None:

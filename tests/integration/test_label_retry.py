@@ -20,7 +20,7 @@ from test_label_resume import LocalStore, S3Store, kill_session, label_process
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.label import ATTEMPTS_KEY
+from pipeline.outdir import ATTEMPTS_KEY
 from pipeline.manifest import build_manifest
 from sempart_core.postprocess import rle_to_mask
 

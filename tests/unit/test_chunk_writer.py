@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.label import PROGRESS_ROW, ChunkWriter, decode_chunks, decode_samples, finish_batch, part_name
+from pipeline.label import PROGRESS_ROW, ChunkWriter, decode_chunks, decode_samples, finish_batch
+from pipeline.outdir import OutDir
 from pipeline.sources import ChunkSource, Sample
 from sempart_core.config import PostConfig
 
@@ -21,7 +22,7 @@ def rows_of(chunk: int, n: int) -> list[pa.Table]:
 
 
 def test_chunks_complete_on_end_row_and_all_rows(tmp_path: Path) -> None:
-    writer = ChunkWriter(str(tmp_path), "run")
+    writer = ChunkWriter(OutDir.at(str(tmp_path)), "run")
     sizes = {0: 40, 1: 3, 2: 0, 3: 17}
     batches = [b for chunk, n in sizes.items() for b in rows_of(chunk, n)]
     batches += batches[:5]  # retried upstream tasks send some rows twice
@@ -39,10 +40,10 @@ def test_chunks_complete_on_end_row_and_all_rows(tmp_path: Path) -> None:
             assert rec["chunk"] not in written  # once
             assert i >= end_rows[rec["chunk"]]  # never before its end row
             written[rec["chunk"]] = rec
-            assert (tmp_path / part_name("run", rec["chunk"])).exists()
+            assert (tmp_path / OutDir.part_name("run", rec["chunk"])).exists()
     assert {k: r["rows"] for k, r in written.items()} == sizes
     for chunk, n in sizes.items():
-        table = pq.read_table(tmp_path / part_name("run", chunk))
+        table = pq.read_table(tmp_path / OutDir.part_name("run", chunk))
         assert table.column("image_id").to_pylist() == [f"{chunk}-{i}" for i in range(n)]  # in order, no end row
         assert set(table.column("status").to_pylist()) <= {"error"}
     assert not list((tmp_path / "_tmp").iterdir())  # no temporary file left, hidden ones included
@@ -54,16 +55,16 @@ def test_a_chunk_that_cannot_be_read_is_given_up_not_the_run(tmp_path: Path) -> 
     raising (a raising task ended the whole run); the writer gives the chunk up, says
     why, and ignores anything else of it; the other chunks are written."""
     source = ChunkSource(kind="list", manifest=str(tmp_path / "gone.parquet"), rows_per_file=4, total=8,
-                         out=str(tmp_path), run_id="run")
+                         out=OutDir.at(str(tmp_path)), run_id="run")
     [failed] = list(decode_chunks(pa.table({"chunk": [1]}), source, 32, 16))
-    writer = ChunkWriter(str(tmp_path), "run")
+    writer = ChunkWriter(OutDir.at(str(tmp_path)), "run")
     [given_up, _] = writer(finish_batch(failed, PostConfig(), "model", "run")).to_pylist()
     assert given_up["chunk"] == 1 and given_up["rows"] == 0
     assert given_up["given_up"].startswith("chunk 1 not read: FileNotFoundError")
     for batch in rows_of(1, 3) + rows_of(0, 2):
         summary = writer(batch).to_pylist()
         assert all(rec["chunk"] != 1 for rec in summary)
-    assert sorted(p.name for p in tmp_path.glob("part-*")) == [part_name("run", 0)]
+    assert sorted(p.name for p in tmp_path.glob("part-*")) == [OutDir.part_name("run", 0)]
 
 
 def test_a_chunk_that_cannot_be_written_is_given_up_not_the_run(tmp_path: Path) -> None:
@@ -71,6 +72,6 @@ def test_a_chunk_that_cannot_be_written_is_given_up_not_the_run(tmp_path: Path) 
     reason, and the writer goes on."""
     out = tmp_path / "out"
     out.write_text("not a folder")
-    writer = ChunkWriter(str(out), "run")
+    writer = ChunkWriter(OutDir.at(str(out)), "run")
     summaries = [rec for batch in rows_of(0, 2) for rec in writer(batch).to_pylist() if rec["chunk"] == 0]
     assert [(r["rows"], r["given_up"].split(":")[0]) for r in summaries] == [(0, "chunk 0 not written")]

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.label import LabelRun, RetryRecord, RunRecordError, find_run, save_run
+from pipeline.outdir import LabelRun, OutDir, RetryRecord, RunRecordError
 
 # A record as `sempart label` wrote it before LabelRun existed (a finished, resumed run).
 OLD_RECORD = {
@@ -52,10 +52,10 @@ def test_a_record_of_an_older_version_loads_and_keeps_its_keys(tmp_path: Path) -
     runs = tmp_path / "_runs"
     runs.mkdir()
     (runs / f"{OLD_RECORD['run_id']}.json").write_text(json.dumps(OLD_RECORD))
-    run = find_run(str(tmp_path))
+    run = OutDir.at(str(tmp_path)).find_run()
     assert run.run_id == OLD_RECORD["run_id"] and run.counts == OLD_RECORD["counts"] and run.chunks == 5
     assert run.retries == [] and run.record_version == 1  # new fields take their defaults
-    save_run(str(tmp_path), run)
+    OutDir.at(str(tmp_path)).save_run(run)
     again = json.loads((runs / f"{OLD_RECORD['run_id']}.json").read_text())
     assert {k: again[k] for k in OLD_RECORD} == OLD_RECORD  # every key other code reads is still there
 
@@ -77,7 +77,7 @@ def test_a_garbage_record_is_one_line(tmp_path: Path, text: str, message: str, m
     runs.mkdir(parents=True)
     (runs / "r.json").write_text(text)
     with pytest.raises(RunRecordError, match="r.json") as info:
-        find_run(str(tmp_path / "out"))
+        OutDir.at(str(tmp_path / "out")).find_run()
     assert message in str(info.value) and "\n" not in str(info.value)
 
     result = CliRunner().invoke(app, ["label", "--model", model, "--input", str(tmp_path), "--out",
