@@ -57,11 +57,11 @@ from pipeline import sources, storage
 from pipeline.cluster import ResourcePlan, cluster_plan, init_ray
 from pipeline.outdir import ATTEMPTS_KEY, PART_PATTERN, LabelRun, OutDir, RetryRecord, status_counts, sum_counts
 from pipeline.schema import LABELS_SCHEMA, STATUS_ERROR, STATUSES, image_id_for
+from pipeline.labeler import DECODED_SCHEMA, INFERRED_SCHEMA, ROWS_SCHEMA, Labeler, finish_rows, one_line
 from pipeline.storage import redact, s3_env
 from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
 from sempart_core.config import PostConfig
 from sempart_core.images import decode_image, prepare_image
-from sempart_core.postprocess import RawPrediction, finish_raw
 
 if TYPE_CHECKING:
     import ray
@@ -83,28 +83,6 @@ CPU_BLOCK_BYTES = 2**20  # block size on CPU: a few 320 px images, so an actor t
 
 END_OF_CHUNK = "end of chunk"  # the error text of a chunk's end row (dropped by the writer)
 CHUNK_FAILED = -1  # chunk_rows of the end row of a chunk its decode task could not read; its error says why
-
-DECODED_SCHEMA = pa.schema(
-    [
-        ("chunk", pa.int64()),
-        ("row", pa.int64()),  # in the chunk; -1 on the end row
-        ("chunk_rows", pa.int64()),  # the end row: the chunk's row count (or CHUNK_FAILED); null on image rows
-        ("s3_retries", pa.int64()),  # the end row: S3 retries made reading the chunk (storage.read_object)
-        ("image_id", pa.string()),
-        ("uri", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("error", pa.string()),
-        ("in_h", pa.int32()),
-        ("in_w", pa.int32()),
-        ("pixels", pa.large_binary()),  # prepared uint8 [in_h, in_w, 3]
-    ]
-)
-INFERRED_SCHEMA = DECODED_SCHEMA.remove(DECODED_SCHEMA.get_field_index("pixels")).append(
-    pa.field("prob", pa.large_binary())  # float32 [in_h, in_w]
-).append(pa.field("ncut", pa.float64()))
-ROWS_SCHEMA = pa.schema(list(DECODED_SCHEMA)[:4] + list(LABELS_SCHEMA), metadata=LABELS_SCHEMA.metadata)
-
 
 class LabelUsageError(ValueError):
     """A setting the user must change (mismatched resume, no GPU for --gpu, ...)."""
@@ -175,10 +153,6 @@ class LabelSummary:
 # ---------------------------------------------------------------- stage functions
 
 
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
-
-
 def decode_sample(sample: sources.Sample, image_size: int, patch: int, decode: str = "cpu") -> dict:
     """Decode and prepare one image; any failure becomes the row's error. With decode
     "gpu" the row carries the encoded bytes (in_h null) for the inference actor."""
@@ -194,7 +168,7 @@ def decode_sample(sample: sources.Sample, image_size: int, patch: int, decode: s
         prepared = np.ascontiguousarray(prepare_image(rgb, image_size, patch))
         rec.update(in_h=prepared.shape[0], in_w=prepared.shape[1], pixels=prepared.tobytes())
     except Exception as exc:  # noqa: BLE001 - bad input must not fail the block
-        rec["error"] = _one_line(exc)
+        rec["error"] = one_line(exc)
     return rec
 
 
@@ -241,7 +215,7 @@ def decode_chunks(
         try:
             yield from decode_samples(samples, chunk, image_size, patch, decode)
         except Exception as exc:  # noqa: BLE001 - the chunk is left to --resume, the run goes on
-            logger.warning("chunk %d could not be read, left for --resume: %s", chunk, _one_line(exc))
+            logger.warning("chunk %d could not be read, left for --resume: %s", chunk, one_line(exc))
             yield failed_chunk_row(chunk, exc)
 
 
@@ -249,98 +223,53 @@ def failed_chunk_row(chunk: int, exc: BaseException) -> pa.Table:
     """The end row of a chunk that could not be read (its manifest slice, its shard's
     member index, ...): the writer drops the chunk and reports why; --resume labels it."""
     return pa.Table.from_pylist([{"chunk": chunk, "row": -1, "chunk_rows": CHUNK_FAILED, "uri": "", "image_id": "",
-                                  "error": f"chunk {chunk} not read: {_one_line(exc)}"}], schema=DECODED_SCHEMA)
+                                  "error": f"chunk {chunk} not read: {one_line(exc)}"}], schema=DECODED_SCHEMA)
 
 
-class Infer:
-    """Actor: the model, loaded once; infers the decoded images of each block in batches
-    of one input shape within the token budget (`sempart_core.batching`)."""
-
-    def __init__(
-        self, model: str, model_id: str, device: str, batch_size: int, threads: int | None = None,
-        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, decode: str = "cpu",
-    ):
-        from sempart_core.artifact import ArtifactError
-        from sempart_core.predictor import load_predictor
-
-        if threads:  # the CPUs reserved for this actor (cluster.plan_workers)
-            import torch
-
-            torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
-        self.predictor = load_predictor(model, device=device, batch_size=batch_size)
-        if self.predictor.model_id != model_id:  # rows must carry the model that made them
-            raise ArtifactError(f"model {redact(model)} changed since the run started: use a new OUT")
-        self.batch_size, self.max_batch_tokens, self.decode = batch_size, max_batch_tokens, decode
-
-    def decode_on_device(self, rows: list[int], pixels: list, errors: list, sizes: dict[str, list]) -> dict:
-        """decode "gpu": the encoded images of `rows`, decoded and prepared on the model's
-        device (a failure is the row's error, as on the CPU path); row -> image tensor."""
-        from sempart_core.gpu_decode import decode_and_prepare
-
-        images = {}
-        prepared = decode_and_prepare(
-            [pixels[i] for i in rows], self.predictor.config.data.image_size, self.predictor.patch, self.predictor.device
-        )
-        for i, p in zip(rows, prepared):
-            if isinstance(p, Exception):
-                errors[i] = _one_line(p)
-                continue
-            images[i] = p.pixels
-            sizes["in_h"][i], sizes["in_w"][i] = p.pixels.shape[:2]
-            sizes["height"][i], sizes["width"][i] = p.height, p.width
-        return images
+class Infer(Labeler):
+    """The inference stage of `sempart label` (an actor, the model loaded once): the
+    Labeler, fed DECODED rows (images prepared by the decode tasks, or their encoded
+    bytes with --decode gpu, decoded here on the model's device) and giving INFERRED
+    rows (each image's map and ncut) to the finish tasks."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         try:
-            return self.infer(batch)
+            return self.infer_decoded(batch)
         except Exception as exc:  # noqa: BLE001 - the block's images become error rows, the run goes on
-            errors = batch.column("error").to_pylist()
-            message = f"inference failed: {_one_line(exc)}"
+            message = f"inference failed: {one_line(exc)}"
             failed = batch.drop_columns(["pixels", "error"]).append_column(
-                "error", pa.array([e or message for e in errors], pa.string()))
+                "error", pa.array([e or message for e in batch.column("error").to_pylist()], pa.string()))
             failed = failed.append_column("prob", pa.nulls(batch.num_rows, pa.large_binary()))
             return failed.append_column("ncut", pa.nulls(batch.num_rows, pa.float64())).select(
                 INFERRED_SCHEMA.names).cast(INFERRED_SCHEMA)
 
-    def infer(self, batch: pa.Table) -> pa.Table:
-        """Decoded rows -> rows with each image's map (`prob`) and ncut, or its error."""
-        import torch
-
-        from sempart_core.batching import infer_splitting, plan_batches
-
-        n, patch = batch.num_rows, self.predictor.patch
+    def infer_decoded(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
         errors = batch.column("error").to_pylist()
         sizes = {name: batch.column(name).to_pylist() for name in ("in_h", "in_w", "width", "height")}
         in_h, in_w, width, height = sizes["in_h"], sizes["in_w"], sizes["width"], sizes["height"]
         pixels = batch.column("pixels").to_pylist()
-        probs: list[bytes | None] = [None] * n
-        ncuts: list[float | None] = [None] * n
-        encoded = [i for i in range(n) if errors[i] is None and in_h[i] is None and pixels[i] is not None]
-        on_device = self.decode_on_device(encoded, pixels, errors, sizes) if encoded else {}
-        todo = [i for i in range(n) if errors[i] is None]
-        shapes = [(in_h[i], in_w[i]) for i in todo]
-        for part in plan_batches(shapes, patch, self.batch_size, self.max_batch_tokens):
-            rows = [todo[j] for j in part]
-            h, w = in_h[rows[0]], in_w[rows[0]]
-            try:
-                if rows[0] in on_device:
-                    images = torch.stack([on_device[i] for i in rows])
-                else:
-                    images = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(h, w, 3) for i in rows])
-                raws = infer_splitting(self.predictor.infer, images, patch, [(width[i], height[i]) for i in rows])
-            except Exception as exc:  # noqa: BLE001 - one bad batch, not the block
-                raws = [f"inference failed: {_one_line(exc)}"] * len(rows)
-            for i, raw in zip(rows, raws):
-                if isinstance(raw, RawPrediction):
-                    probs[i], ncuts[i] = raw.prob.astype(np.float32).tobytes(), raw.ncut
-                else:  # ImageOutOfMemory, or the batch's error
-                    errors[i] = str(raw)
+        images: list = [None] * n
+        encoded = [i for i in range(n) if errors[i] is None and in_h[i] is None]
+        prepared, decode_errors = self.decode_encoded([pixels[i] for i in encoded])
+        for i, image, error in zip(encoded, prepared, decode_errors):
+            errors[i] = error
+            if image is not None:
+                images[i] = image.pixels
+                in_h[i], in_w[i] = image.pixels.shape[:2]
+                height[i], width[i] = image.height, image.width
+        for i in range(n):
+            if errors[i] is None and images[i] is None:
+                images[i] = np.frombuffer(pixels[i], np.uint8).reshape(in_h[i], in_w[i], 3)
+        raws = self.infer(images, errors, [(width[i], height[i]) for i in range(n)])
         table = batch.drop_columns(["pixels", "error", *sizes])
         for name, values in sizes.items():
             table = table.append_column(name, pa.array(values, pa.int32()))
         table = table.append_column("error", pa.array(errors, pa.string()))
-        table = table.append_column("prob", pa.array(probs, pa.large_binary()))
-        table = table.append_column("ncut", pa.array(ncuts, pa.float64()))
+        table = table.append_column("prob", pa.array(
+            [raw.prob.astype(np.float32).tobytes() if raw is not None else None for raw in raws], pa.large_binary()))
+        table = table.append_column("ncut", pa.array([raw.ncut if raw is not None else None for raw in raws],
+                                                     pa.float64()))
         return table.select(INFERRED_SCHEMA.names).cast(INFERRED_SCHEMA)
 
 
@@ -352,31 +281,8 @@ def finish_batch(batch: pa.Table, post: PostConfig, model_id: str, run_id: str, 
         return finish_rows(batch, post, model_id, run_id)
     except Exception as exc:  # noqa: BLE001
         return finish_rows(batch.drop_columns(["error"]).append_column(
-            "error", pa.array([e or f"postprocess failed: {_one_line(exc)}" for e in batch.column("error").to_pylist()],
+            "error", pa.array([e or f"postprocess failed: {one_line(exc)}" for e in batch.column("error").to_pylist()],
                               pa.string())), post, model_id, run_id)
-
-
-def finish_rows(batch: pa.Table, post: PostConfig, model_id: str, run_id: str) -> pa.Table:
-    """finish_batch's rows; an image that fails to finish is an error row."""
-    now = datetime.now(timezone.utc)
-    out = []
-    for r in batch.to_pylist():
-        rec = {k: r[k] for k in ("chunk", "row", "chunk_rows", "s3_retries", "image_id", "uri", "width", "height")}
-        rec.update(model_id=model_id, run_id=run_id, labeled_at=now, error=r["error"])
-        if r["error"] is None:
-            try:
-                prob = np.frombuffer(r["prob"], np.float32).reshape(r["in_h"], r["in_w"]).copy()
-                pred = finish_raw(RawPrediction(prob, r["ncut"]), r["height"], r["width"], post)
-                rec.update(
-                    status=pred.status, mask_rle=pred.rle(), mask_area=pred.mask_area, box=pred.box,
-                    boxes=pred.boxes, score=pred.score, ncut=pred.ncut,
-                )
-            except Exception as exc:  # noqa: BLE001
-                rec["error"] = f"postprocess failed: {_one_line(exc)}"
-        if rec["error"] is not None:
-            rec["status"] = STATUS_ERROR
-        out.append(rec)
-    return pa.Table.from_pylist(out, schema=ROWS_SCHEMA)
 
 
 class ChunkWriter:
@@ -432,7 +338,7 @@ class ChunkWriter:
         try:
             return self.flush(chunk)
         except Exception as exc:  # noqa: BLE001
-            return self.give_up(chunk, f"chunk {chunk} not written: {_one_line(exc)}")
+            return self.give_up(chunk, f"chunk {chunk} not written: {one_line(exc)}")
 
     def flush(self, chunk: int) -> dict:
         retries, table = self.s3_retries[chunk], self.take(chunk)
@@ -693,7 +599,7 @@ def _stop(ds: ray.data.Dataset) -> None:
         try:
             executor.shutdown(force=True)
         except Exception as exc:  # noqa: BLE001 - the run fails with the stall error anyway
-            logger.warning("could not shut the stalled pipeline down: %s", _one_line(exc))
+            logger.warning("could not shut the stalled pipeline down: %s", one_line(exc))
 
 
 def consume(
@@ -821,7 +727,7 @@ def run_label(opts: LabelOptions) -> LabelSummary:
         try:
             out.save_run(run)
         except Exception as save_error:  # noqa: BLE001 - the run's own error is the one to report
-            logger.warning("could not update the run record: %s", _one_line(save_error))
+            logger.warning("could not update the run record: %s", one_line(save_error))
         raise
     if retry:
         labelled += retried

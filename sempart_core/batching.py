@@ -1,9 +1,10 @@
 """Inference batches: images of one input shape within a token budget, split in halves
 when memory runs out.
 
-Used by `Predictor.predict` and by the labelling pipeline's inference actor, so that
-both batch the same way. torch is imported only once memory has run out, so that the
-label driver and its CPU stages, which read the default budget, need no torch.
+`infer_in_batches` is the one batching loop: `Predictor.predict` and the labelling
+stage (`pipeline.labeler.Labeler`) both call it. torch is imported only where tensors
+are met or memory has run out, so that the label driver and its CPU stages, which read
+the default budget, need no torch.
 
 Sizing the default token budget (ViT-S/8 on a 24 GB GPU). The backbone (flash
 attention under bf16) and the heads grow linearly with the tokens of a batch; the
@@ -22,8 +23,8 @@ the batch.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -103,3 +104,53 @@ def infer_splitting(
     half = n // 2
     first = infer_splitting(infer, batch[:half], patch, None if sizes is None else sizes[:half])
     return first + infer_splitting(infer, batch[half:], patch, None if sizes is None else sizes[half:])
+
+
+def infer_in_batches(
+    infer: Callable[[Any], Sequence[R]],
+    images: Sequence[Any],
+    patch: int,
+    batch_size: int,
+    max_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    sizes: Sequence[tuple[int, int]] | None = None,
+    copier: Callable[[Any], Callable[[], Any]] | None = None,
+    failed: Callable[[Exception], Any] | None = None,
+) -> list[R | ImageOutOfMemory]:
+    """`infer`'s result for each prepared image (uint8 [h_in, w_in, 3]: numpy arrays, or
+    tensors already decoded on the device), in input order.
+
+    Images of one shape are stacked into batches within `batch_size` and `max_tokens`
+    (`plan_batches`); a batch out of memory is halved (`infer_splitting`), and an image
+    out of memory alone gets an `ImageOutOfMemory` naming its `sizes` (width, height).
+    With `copier` (`prefetch.DeviceCopier`), host batches go to the device from pinned
+    memory while the previous batch computes. Other errors propagate, or, with
+    `failed`, give each image of the failed batch `failed(error)`."""
+    plans = plan_batches([im.shape[:2] for im in images], patch, batch_size, max_tokens)
+    batches: Iterator[Any] = (_stack([images[i] for i in idx], copier is not None) for idx in plans)
+    if copier is not None:
+        from .prefetch import prefetch
+
+        batches = prefetch(batches, copier)
+    results: list[R | ImageOutOfMemory | None] = [None] * len(images)
+    for idx, batch in zip(plans, batches):
+        try:
+            done = infer_splitting(infer, batch, patch, None if sizes is None else [sizes[i] for i in idx])
+        except Exception as exc:  # noqa: BLE001 - re-raised unless the caller keeps going
+            if failed is None:
+                raise
+            done = [failed(exc)] * len(idx)
+        for i, result in zip(idx, done):
+            results[i] = result
+    return results  # type: ignore[return-value]
+
+
+def _stack(images: list[Any], as_tensor: bool) -> Any:
+    """One batch [B, h, w, 3]: a numpy array, or a tensor when the images are tensors or
+    a copier will send the batch to the device."""
+    if isinstance(images[0], np.ndarray) and not as_tensor:
+        return np.stack(images)
+    import torch
+
+    if isinstance(images[0], np.ndarray):
+        return torch.from_numpy(np.stack(images))
+    return torch.stack(images)

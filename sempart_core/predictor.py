@@ -20,13 +20,14 @@ import torch
 
 from .artifact import LoadedArtifact, read_artifact
 from .backbone import Backbone, build_backbone, create_vit
-from .batching import DEFAULT_MAX_BATCH_TOKENS, ImageOutOfMemory, infer_splitting, plan_batches
+from .batching import DEFAULT_MAX_BATCH_TOKENS, ImageOutOfMemory, infer_in_batches
 from .config import SempartConfig
 from .bilateral import BilateralConfig, refine_mask
 from .foreground import foreground_rule
 from .graph import partition_ncut
 from .images import prepare_image
 from .model import SempartHeads
+from .prefetch import DeviceCopier
 from .postprocess import Prediction, RawPrediction, finish_raw, resize_prob
 from .tokencut import tokencut_partition, upsample_patch_mask
 from .training import to_model_input
@@ -118,20 +119,19 @@ class Predictor:
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Predictions for RGB uint8 images of any sizes, each at its own size.
 
-        Images are grouped by input size into batches of at most `batch_size` images and
-        `max_batch_tokens` tokens; a batch out of memory is split (`infer_splitting`), and
-        an image out of memory alone raises `ImageOutOfMemory`.
+        Batched by `infer_in_batches` (images of one input size, at most `batch_size`
+        and `max_batch_tokens`, halved when memory runs out; host-to-device copies
+        overlap compute); an image out of memory alone raises `ImageOutOfMemory`.
         """
         prepared = [self.prepare(im) for im in images]
-        results: list[Prediction | None] = [None] * len(images)
-        shapes = [p.shape[:2] for p in prepared]
-        for idx in plan_batches(shapes, self.patch, self.batch_size, self.max_batch_tokens):
-            batch, sizes = np.stack([prepared[i] for i in idx]), [images[i].shape[1::-1] for i in idx]
-            for i, raw in zip(idx, infer_splitting(self.infer, batch, self.patch, sizes)):
-                if isinstance(raw, ImageOutOfMemory):
-                    raise raw
-                results[i] = self.finish(raw, *images[i].shape[:2], rgb=images[i])
-        return results  # type: ignore[return-value]
+        raws = infer_in_batches(self.infer, prepared, self.patch, self.batch_size, self.max_batch_tokens,
+                                sizes=[im.shape[1::-1] for im in images], copier=DeviceCopier(self.device))
+        results = []
+        for image, raw in zip(images, raws):
+            if isinstance(raw, ImageOutOfMemory):
+                raise raw
+            results.append(self.finish(raw, *image.shape[:2], rgb=image))
+        return results
 
 
 def predictor_from_artifact(

@@ -49,7 +49,7 @@ class DeviceCopier:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def __call__(self, host: torch.Tensor) -> Callable[[], torch.Tensor]:
-        if self.stream is None:
+        if self.stream is None or host.device.type != "cpu":  # nothing to copy, or already there
             moved = host.to(self.device)
             return lambda: moved
         pinned = host if host.is_pinned() else host.pin_memory()

@@ -222,9 +222,9 @@ def test_inference_actor_refuses_a_model_changed_since_the_run_started(model: st
     from pipeline.label import Infer
     from sempart_core.artifact import ArtifactError, read_artifact_info
 
-    Infer(model, read_artifact_info(model).model_id, device="cpu", batch_size=1)
+    Infer(model, model_id=read_artifact_info(model).model_id, device="cpu", batch_size=1)
     with pytest.raises(ArtifactError, match="changed since the run started"):
-        Infer(model, "0" * 64, device="cpu", batch_size=1)
+        Infer(model, model_id="0" * 64, device="cpu", batch_size=1)
 
 
 def test_uri_list_input_and_limit(labelled, model: str, tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 
 from pipeline import label as labels
+from pipeline.cluster import cluster_plan
+from pipeline.outdir import OutDir
 from sempart_core.artifact import read_artifact_info
 
 pytestmark = pytest.mark.integration
@@ -38,10 +40,11 @@ def test_each_chunk_flows_as_its_own_block(model: str, tmp_path: Path, ray_sessi
     write_images(tmp_path / "images", ROWS * CHUNKS)
     opts = labels.LabelOptions(model=model, input=str(tmp_path / "images"), out=str(tmp_path / "out"),
                                rows_per_file=ROWS)
-    art = read_artifact_info(model)
-    run = labels._new_run(opts, art.model_id)
-    manifest = f"{opts.out}/{run.manifest}"
-    ds = labels.build_dataset(list(range(CHUNKS)), manifest, run, art, opts, gpu=False, actors=1)
+    art, out = read_artifact_info(model), OutDir.at(opts.out)
+    run = labels._new_run(opts, out, art.model_id)
+    job = labels.Job(opts, out, run, art, out.manifest_of(run, opts.input), gpu=False, plan=cluster_plan(1, False),
+                     actors=1)
+    ds = labels.build_dataset(job, list(range(CHUNKS)))
 
     blocks = [b.to_pylist() for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
     # Each block: the files the writer wrote from one input block, plus its progress row.

@@ -130,7 +130,7 @@ def test_label_actor_gives_an_error_row_only_to_an_image_out_of_memory_alone(
 ) -> None:
     images = pictures(5) + [np.full((40, 224, 3), 200, np.uint8)]  # the last one: wider, its own shape
     block = decoded_block(predictor, images)
-    actor = Infer(model, read_artifact_info(model).model_id, device="cpu", batch_size=8)
+    actor = Infer(model, model_id=read_artifact_info(model).model_id, device="cpu", batch_size=8)
     clean = actor(block).to_pylist()
 
     tried = fail_when(monkeypatch, lambda batch: len(batch) > 2)
@@ -157,7 +157,7 @@ def same_probs(rows: list[dict], expected: list[dict]) -> bool:
 def test_label_actor_keeps_the_token_budget(predictor: Predictor, model: str, monkeypatch) -> None:
     images = pictures(6)
     per_image = tokens_of(*predictor.prepare(images[0]).shape[:2], predictor.patch)
-    actor = Infer(model, read_artifact_info(model).model_id, device="cpu", batch_size=8,
+    actor = Infer(model, model_id=read_artifact_info(model).model_id, device="cpu", batch_size=8,
                   max_batch_tokens=2 * per_image)
     tried = fail_when(monkeypatch, lambda batch: False)
     rows = actor(decoded_block(predictor, images)).to_pylist()
