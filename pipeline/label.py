@@ -106,7 +106,7 @@ class LabelOptions:
     out: str
     resume: bool = False
     batch_size: int = DEFAULT_BATCH_SIZE
-    actors: int | None = None  # default: one per GPU with --gpu, else 1
+    actors: int | None = None  # default: one per GPU with --gpu, else one per CPU (cluster.plan_workers)
     gpu: bool | None = None  # default: use GPUs when the cluster has some
     rows_per_file: int | None = None  # default DEFAULT_ROWS_PER_FILE; fixed per run
     limit: int | None = None  # first N manifest rows; fixed per run

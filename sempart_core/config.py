@@ -131,12 +131,3 @@ def load_config(path: str | Path) -> SempartConfig:
     text = Path(path).read_text()
     data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     return SempartConfig.from_dict(data or {})
-
-
-def save_config(config: SempartConfig, path: str | Path) -> None:
-    text = (
-        json.dumps(config.to_dict(), indent=2)
-        if str(path).endswith(".json")
-        else yaml.safe_dump(config.to_dict(), sort_keys=False)
-    )
-    Path(path).write_text(text)
