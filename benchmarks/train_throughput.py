@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.cluster import worker_resources  # noqa: E402
+from pipeline.cluster import cluster_plan  # noqa: E402
 from pipeline.manifest import is_image_name  # noqa: E402
 from pipeline.train import TrainJob, run_training  # noqa: E402
 from sempart_core.config import SempartConfig  # noqa: E402
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     own_ray = not ray.is_initialized()  # a caller's Ray (the test suite's) is used as it is
     if own_ray:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    _, threads = worker_resources(args.workers, args.gpu)
+    threads = cluster_plan(args.workers, args.gpu).threads
     cfg = config(args)
     with tempfile.TemporaryDirectory(prefix="sempart-train-bench-") as tmp:
         scratch = Path(tmp)
