@@ -5,24 +5,26 @@ generalised problem ``(D - W) x = lambda D x``. A dense ``eigh`` computes all N 
 (O(N^3) per image, and scipy's ``eigh(..., subset_by_index=[1, 2])`` still reduces the
 whole matrix to tridiagonal form); ``torch.lobpcg`` finds a few but solves one matrix
 per call. Here the images of one model call are solved together, as one stack of
-``[B, N, N]`` graphs, with the locally optimal block preconditioned conjugate gradient
-method (Knyazev 2001) on the normalised Laplacian
+graphs (a `Graph`: anything that gives degrees and products W v), with the locally
+optimal block preconditioned conjugate gradient method (Knyazev 2001) on the
+normalised Laplacian
 
     L = I - D^-1/2 W D^-1/2,   x = D^-1/2 v,
 
 whose smallest eigenvector ``sqrt(d)`` is known and projected out, so the smallest
 eigenpair left is the Fiedler pair. Each iteration costs one product of every graph
 with a block of ``block`` vectors: a batched matrix product whose cost is set by
-reading W once, so a block of 8 costs about what one vector does and converges in a
-handful of iterations on image graphs.
+reading W once, so a block of a few vectors costs about what one does, and converges
+in 7 to 15 iterations on the image graphs measured (docs/method.md).
 
-Float64 throughout (the graphs are converted once): the split at the mean must land
+Float64 throughout: the split at the mean must land
 where a float64 dense solver puts it. Numerically robust form: the search directions
 are orthonormalised against the current vectors (twice, classical Gram-Schmidt), the
 Rayleigh-Ritz step runs on an orthonormal basis, and the conjugate directions are
 orthonormal combinations of that basis (Hetmaniuk and Lehoucq 2006; Duersch et al.
-2018), so no Gram matrix is ever inverted. Images stop iterating once their residual is
-below ``tol``; the rest go on, up to ``max_iter``.
+2018), so no Gram matrix is ever inverted. Each graph's result is taken when its
+residual first falls below ``tol`` (or at ``max_iter``), whatever the other graphs in
+the batch do, so a batch gives what its images give alone.
 
 Small graphs (a few hundred nodes) are as fast with a dense ``eigh``, which is exact:
 ``fiedler`` picks the solver by size, ``dense_fiedler`` is the dense one (TokenCut's).
@@ -31,27 +33,61 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 
+class Graph(Protocol):
+    """What the solver needs of a stack of B graphs on N nodes (float64 on one device)."""
+
+    def degree(self) -> torch.Tensor:
+        """d = W 1, [B, N]."""
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        """W v for v [B, N, k]."""
+
+    def dense(self) -> torch.Tensor:
+        """W itself, [B, N, N]."""
+
+    def __getitem__(self, index: torch.Tensor) -> "Graph":
+        """The graphs at ``index`` (a bool mask or indices over B)."""
+
+
+class DenseGraph:
+    """A `Graph` held as its matrix W [B, N, N]."""
+
+    def __init__(self, W: torch.Tensor):
+        self.W = W.to(torch.float64)
+
+    def degree(self) -> torch.Tensor:
+        return self.W.sum(-1)
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        return self.W @ v
+
+    def dense(self) -> torch.Tensor:
+        return self.W
+
+    def __getitem__(self, index: torch.Tensor) -> "DenseGraph":
+        return DenseGraph(self.W[index])
+
+
 @dataclass
 class FiedlerResult:
-    """Fiedler vectors of a stack of graphs and what a caller may want to know of them.
+    """Fiedler vectors of a stack of graphs.
 
     ``vector`` [B, N] float64: x with ``x^T D x = 1``, its largest-magnitude entry
     positive (an eigenvector has no sign of its own; this one makes results
-    reproducible). ``values`` [B, block]: the smallest Ritz values of L on the
-    complement of ``sqrt(d)`` (``values[:, 0]`` is lambda_2, ``values[:, 1]`` an upper
-    estimate of lambda_3). ``basis`` [B, N, block]: the Ritz vectors of L (v space), a
-    warm start for a related graph. ``residual`` [B]: ``||L v - lambda_2 v||``.
+    reproducible). ``values`` [B, k]: the smallest eigenvalues of L after 0
+    (``values[:, 0]`` is lambda_2; from LOBPCG the others are Ritz values, upper
+    estimates). ``residual`` [B]: ``||L v - lambda_2 v||`` for unit v (0 when dense).
     """
 
     vector: torch.Tensor
     values: torch.Tensor
-    basis: torch.Tensor
     residual: torch.Tensor
     iterations: int
 
@@ -62,30 +98,30 @@ def _canonical_sign(x: torch.Tensor) -> torch.Tensor:
     return x * torch.where(peak < 0, -1.0, 1.0).to(x.dtype)
 
 
-def fiedler(W: torch.Tensor, *, block: int = 4, dense_max_nodes: int = 256, tol: float = 1e-9,
+def fiedler(graph: Graph | torch.Tensor, *, block: int = 4, dense_max_nodes: int = 256, tol: float = 1e-9,
             max_iter: int = 100, grid: tuple[int, int] | None = None) -> FiedlerResult:
-    """Fiedler vectors of ``W`` [B, N, N], each as exact as a dense solver's.
+    """Fiedler vectors of a `Graph` (or of W [B, N, N]), each as exact as a dense solver's.
 
     Graphs of up to ``dense_max_nodes`` nodes use ``dense_fiedler``; larger ones
     ``fiedler_lobpcg``, and the few it leaves above ``tol`` after ``max_iter``
     iterations (graphs split into many nearly separate parts, whose smallest eigenvalues
     crowd within ~1e-4 of each other) are solved again densely.
     """
-    if W.shape[-1] <= dense_max_nodes:
-        return dense_fiedler(W, block=block)
-    result = fiedler_lobpcg(W, block=block, tol=tol, max_iter=max_iter, grid=grid)
+    if isinstance(graph, torch.Tensor):
+        graph = DenseGraph(graph)
+    if graph.degree().shape[-1] <= dense_max_nodes:
+        return dense_fiedler(graph.dense(), block=block)
+    result = fiedler_lobpcg(graph, block=block, tol=tol, max_iter=max_iter, grid=grid)
     slow = (result.residual >= tol).nonzero().flatten()
     if slow.numel():
-        logger.debug("LOBPCG left %d of %d graph(s) above tol %.1e: dense eigh for those",
-                     slow.numel(), W.shape[0], tol)
-        dense = dense_fiedler(W[slow], block=result.values.shape[-1])
-        result.vector[slow], result.values[slow], result.basis[slow] = dense.vector, dense.values, dense.basis
-        result.residual[slow] = dense.residual
+        logger.debug("LOBPCG left %d graph(s) above tol %.1e: dense eigh for those", slow.numel(), tol)
+        dense = dense_fiedler(graph[slow].dense(), block=result.values.shape[-1])
+        result.vector[slow], result.values[slow], result.residual[slow] = dense.vector, dense.values, dense.residual
     return result
 
 
 def dense_fiedler(W: torch.Tensor, *, block: int = 1, compute_dtype: torch.dtype = torch.float64) -> FiedlerResult:
-    """Fiedler vectors of ``W`` [B, N, N] from a full ``torch.linalg.eigh`` of L.
+    """Fiedler vectors of W [B, N, N] from a full ``torch.linalg.eigh`` of L.
 
     Float64 by default: on graphs with nearly separate parts the two smallest
     eigenvalues differ by about ``eps`` and float32 would mix their eigenvectors.
@@ -95,10 +131,9 @@ def dense_fiedler(W: torch.Tensor, *, block: int = 1, compute_dtype: torch.dtype
     normalised = Wd * inv_sqrt_d.unsqueeze(-1) * inv_sqrt_d.unsqueeze(-2)
     laplacian = torch.eye(Wd.shape[-1], dtype=compute_dtype, device=Wd.device) - normalised
     values, vectors = torch.linalg.eigh(_symmetric(laplacian))  # ascending
-    block = min(block, Wd.shape[-1] - 1)
     vector = _canonical_sign(vectors[..., 1] * inv_sqrt_d)
     residual = torch.zeros(Wd.shape[0], dtype=compute_dtype, device=Wd.device)
-    return FiedlerResult(vector, values[:, 1 : 1 + block], vectors[..., 1 : 1 + block], residual, 0)
+    return FiedlerResult(vector, values[:, 1 : 1 + block], residual, 0)
 
 
 def _orthonormal(x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +148,7 @@ def _project_out(x: torch.Tensor, bases: list[torch.Tensor]) -> torch.Tensor:
     return x
 
 
-def _initial_block(n: int, block: int, grid: tuple[int, int] | None, dtype, device) -> torch.Tensor:
+def _initial_block(n: int, block: int, grid: tuple[int, int] | None, device: torch.device) -> torch.Tensor:
     """Deterministic start vectors [N, block], the same on every device.
 
     On a patch grid the Fiedler vector is mostly smooth, so the first vectors are the
@@ -130,76 +165,70 @@ def _initial_block(n: int, block: int, grid: tuple[int, int] | None, dtype, devi
         for j, (a, b) in enumerate(modes[: max(0, block - 1)]):
             smooth = torch.cos(torch.pi * a * (rows + 0.5) / h) * torch.cos(torch.pi * b * (cols + 0.5) / w)
             start[:, j] = smooth + 0.1 * start[:, j]
-    return start.to(device=device, dtype=dtype)
+    return start.to(device)
 
 
 def fiedler_lobpcg(
-    W: torch.Tensor,
+    graph: Graph | torch.Tensor,
     *,
-    block: int = 8,
+    block: int = 4,
     tol: float = 1e-9,
-    max_iter: int = 300,
+    max_iter: int = 100,
     grid: tuple[int, int] | None = None,
-    init: torch.Tensor | None = None,
 ) -> FiedlerResult:
-    """Fiedler vectors of the symmetric graphs ``W`` [B, N, N] (positive degrees).
+    """Fiedler vectors of a `Graph` (or of W [B, N, N], symmetric, positive degrees) by LOBPCG.
 
     ``block`` vectors are iterated per graph (at least 1, at most (N - 1) // 3 so that
     the search space fits); ``tol`` bounds the residual norm of the Fiedler pair (unit
-    v), ``max_iter`` the iterations (``residual`` tells which graphs stayed above ``tol``).
-    ``grid`` (h, w) shapes the deterministic start; ``init`` [B, N, k] replaces it (a
-    previous ``basis``, for a graph that changed a little).
+    v), ``max_iter`` the iterations (``residual`` tells which graphs stayed above
+    ``tol``); ``grid`` (h, w) shapes the deterministic start.
     """
-    if W.ndim != 3 or W.shape[1] != W.shape[2]:
-        raise ValueError(f"fiedler_lobpcg expects [B, N, N], got {tuple(W.shape)}")
-    n_graphs, n, _ = W.shape
-    block = max(1, min(block, (n - 1) // 3))
+    if isinstance(graph, torch.Tensor):
+        if graph.ndim != 3 or graph.shape[1] != graph.shape[2]:
+            raise ValueError(f"fiedler_lobpcg expects W [B, N, N], got {tuple(graph.shape)}")
+        graph = DenseGraph(graph)
+    d = graph.degree()
+    n_graphs, n = d.shape
     if n < 4:
         raise ValueError(f"fiedler_lobpcg needs at least 4 nodes, got {n}")
-    Wd = W.to(torch.float64)
-    d = Wd.sum(-1)
-    inv_sqrt_d = d.rsqrt().unsqueeze(-1)  # [B, N, 1]
-    trivial = d.sqrt().unsqueeze(-1)
-    trivial = trivial / trivial.norm(dim=1, keepdim=True)  # unit eigenvector of eigenvalue 0
-
-    if init is None:
-        start = _initial_block(n, block, grid, torch.float64, W.device).expand(n_graphs, n, block)
-    else:
-        start = init.to(torch.float64)[..., :block]
-        if start.shape[-1] < block:  # pad a narrower warm start with the default vectors
-            extra = _initial_block(n, block, grid, torch.float64, W.device)[:, start.shape[-1]:]
-            start = torch.cat([start, extra.expand(n_graphs, n, -1)], dim=-1)
-
-    vector = torch.empty(n_graphs, n, dtype=torch.float64, device=W.device)
-    values = torch.empty(n_graphs, block, dtype=torch.float64, device=W.device)
-    basis = torch.empty(n_graphs, n, block, dtype=torch.float64, device=W.device)
-    residual = torch.empty(n_graphs, dtype=torch.float64, device=W.device)
-    state = _Lobpcg(Wd, inv_sqrt_d, trivial, start)
-    active = torch.arange(n_graphs, device=W.device)
+    block = max(1, min(block, (n - 1) // 3))
+    start = _initial_block(n, block, grid, d.device).expand(n_graphs, n, block)
+    vector = torch.empty(n_graphs, n, dtype=torch.float64, device=d.device)
+    values = torch.empty(n_graphs, block, dtype=torch.float64, device=d.device)
+    residual = torch.empty(n_graphs, dtype=torch.float64, device=d.device)
+    state = _Lobpcg(graph, d, start)
+    active = torch.arange(n_graphs, device=d.device)  # graph of each row of the state
+    pending = torch.ones(n_graphs, dtype=torch.bool, device=d.device)  # rows not yet recorded
     iterations = 0
     while True:
         res = state.residual_norms()
-        done = (res < tol) if iterations < max_iter else torch.ones_like(res, dtype=torch.bool)
-        if bool(done.any()):
+        done = pending & ((res < tol) if iterations < max_iter else torch.ones_like(pending))
+        if bool(done.any()):  # record each graph when it first converges
             idx = active[done]
             vector[idx] = state.X[done][..., 0] * state.inv_sqrt_d[done][..., 0]
-            values[idx], basis[idx], residual[idx] = state.theta[done], state.X[done], res[done]
-            active = active[~done]
-            if active.numel() == 0:
+            values[idx], residual[idx] = state.theta[done], res[done]
+            pending = pending & ~done
+            if not bool(pending.any()):
                 break
-            state.keep(~done)
+            # Dropping rows copies the graphs: only once half of them are finished.
+            if 2 * int(pending.sum()) <= pending.numel():
+                state.keep(pending)
+                active, pending = active[pending], pending[pending]
         state.step()
         iterations += 1
-    return FiedlerResult(_canonical_sign(vector), values, basis, residual, iterations)
+    return FiedlerResult(_canonical_sign(vector), values, residual, iterations)
 
 
 class _Lobpcg:
-    """The iteration state of the graphs still running: X (Ritz vectors), L X, and the
-    conjugate directions P with L P, all [b, N, block]."""
+    """The iteration state of the graphs still running: X (Ritz vectors of L), L X,
+    and the conjugate directions P with L P, all [b, N, block]."""
 
-    def __init__(self, W: torch.Tensor, inv_sqrt_d: torch.Tensor, trivial: torch.Tensor, start: torch.Tensor):
-        self.W, self.inv_sqrt_d, self.trivial = W, inv_sqrt_d, trivial
-        X = _orthonormal(_project_out(start, [trivial]))
+    def __init__(self, graph: Graph, degree: torch.Tensor, start: torch.Tensor):
+        self.graph = graph
+        self.inv_sqrt_d = degree.rsqrt().unsqueeze(-1)  # [b, N, 1]
+        trivial = degree.sqrt().unsqueeze(-1)
+        self.trivial = trivial / trivial.norm(dim=1, keepdim=True)  # eigenvalue 0, projected out
+        X = _orthonormal(_project_out(start, [self.trivial]))
         LX = self.apply(X)
         self.theta, C = torch.linalg.eigh(_symmetric(X.mT @ LX))
         self.X, self.LX = X @ C, LX @ C
@@ -208,14 +237,15 @@ class _Lobpcg:
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
         """L v = v - D^-1/2 W D^-1/2 v."""
-        return v - self.inv_sqrt_d * (self.W @ (self.inv_sqrt_d * v))
+        return v - self.inv_sqrt_d * self.graph.matmul(self.inv_sqrt_d * v)
 
     def residual_norms(self) -> torch.Tensor:
         return (self.LX[..., 0] - self.X[..., 0] * self.theta[:, :1]).norm(dim=-1)
 
     def keep(self, mask: torch.Tensor) -> None:
-        """Drop the graphs that have converged (``mask`` False) from the state."""
-        for name in ("W", "inv_sqrt_d", "trivial", "theta", "X", "LX", "P", "LP"):
+        """Keep only the rows where ``mask`` is True."""
+        self.graph = self.graph[mask]
+        for name in ("inv_sqrt_d", "trivial", "theta", "X", "LX", "P", "LP"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[mask])

@@ -21,9 +21,10 @@ On step 3: CutLER's code decides on ``x > mean`` with whatever sign the solver r
 so there the corner rule only acts when the returned seed entry is positive; fixing
 the sign first gives the rule as the paper states it, the same for every solver.
 
-All images of a model call run each cut together: one similarity product per image
-(step 1 only masks it afterwards), one batched eigen-solve per cut. Only the seed
-components (step 4, a few hundred patches per image) go to the CPU.
+All images of a model call run each cut together: one similarity product per image,
+kept as a 0/1 matrix that every cut's graph reuses (`PaintedGraph`: step 1 never
+rebuilds W), and one batched eigen-solve per cut. Only the seed components (step 4, a
+few hundred patches per image) go to the CPU.
 """
 from __future__ import annotations
 
@@ -37,44 +38,65 @@ from sempart_core.config import InstanceConfig
 from sempart_core.fiedler import FiedlerResult, fiedler
 from sempart_core.graph import no_autocast
 from sempart_core.postprocess import RawInstances
-from sempart_core.tokencut import hard_ncut, keep_seed_component
+from sempart_core.tokencut import keep_seed_component, ncut_from_products
 
-# Images whose graphs are built at once: images * N^2 stays below this many float64
-# entries (2 GiB), so memory is bounded whatever the batch and image size.
+# Images whose link matrices are held at once: images * N^2 stays below this many
+# float64 entries (2 GiB), so memory is bounded whatever the batch and image size.
 _MAX_GRAPH_ELEMENTS = 1 << 28
 
 
 @dataclass
 class Cut:
-    """One cut of every image in a batch: the kept patches (after the drop rule) and
-    what the score is made of. All [B] except ``mask`` [B, N]."""
+    """One cut of every image in a batch: ``mask`` [B, N] the kept patches, ``ncut`` [B]
+    their hard normalised cut on this cut's graph (NaN if empty), ``score`` [B] in [0, 1]
+    (`link_contrast`)."""
 
     mask: torch.Tensor
-    ncut: torch.Tensor  # hard normalised cut of the kept patches on this cut's graph (NaN if empty)
-    eigenvalue: torch.Tensor  # lambda_2 of the cut's graph (NaN for a mask not found by a cut)
-    area: torch.Tensor  # share of the patches kept
+    ncut: torch.Tensor
+    score: torch.Tensor
 
 
-def linked_pairs(feats: torch.Tensor, tau: float) -> torch.Tensor:
-    """Bool [B, N, N]: cosine similarity of the features above tau (float32, no autocast)."""
+def feature_links(feats: torch.Tensor, tau: float) -> torch.Tensor:
+    """P [B, N, N] float64: 1 where the cosine similarity of the features exceeds tau,
+    else 0 (similarities in float32 with autocast off, as `graph.affinity`)."""
     with no_autocast(feats.device):
         f = F.normalize(feats.float(), dim=-1)
-        return (f @ f.mT) > tau
+        return ((f @ f.mT) > tau).to(torch.float64)
 
 
-def painted_graph(linked: torch.Tensor, painted: torch.Tensor, eps: float) -> torch.Tensor:
-    """W [B, N, N] float64 with the ``painted`` [B, N] patches' features zeroed.
+class PaintedGraph:
+    """Step 1's graph for a stack of images, as a `fiedler.Graph` that is never built.
 
-    A zero feature has cosine 0 with everything (itself included), so its row and
-    column hold eps only, as when the similarities are recomputed from zeroed features.
+    ``W = eps 1 1^T + (1 - eps) K P K``: P [B, N, N] the 0/1 links of the features
+    (float64, shared by every cut of an image), K the patches not yet painted. A
+    zeroed feature has cosine 0 with everything, itself included, so a painted patch's
+    row and column hold eps only, as when the similarities are recomputed.
     """
-    keep = ~painted
-    pairs = linked & keep.unsqueeze(-1) & keep.unsqueeze(-2)
-    return torch.where(pairs, 1.0, eps).to(torch.float64)
+
+    def __init__(self, links: torch.Tensor, painted: torch.Tensor, eps: float):
+        self.links, self.painted, self.eps = links, painted, eps
+        self.keep = (~painted).to(torch.float64).unsqueeze(-1)  # [B, N, 1]
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        return self.eps * v.sum(1, keepdim=True) + (1.0 - self.eps) * self.keep * (self.links @ (self.keep * v))
+
+    def degree(self) -> torch.Tensor:
+        return self.matmul(self.keep.new_ones(self.keep.shape))[..., 0]
+
+    def dense(self) -> torch.Tensor:
+        return self.eps + (1.0 - self.eps) * (self.keep * self.links * self.keep.mT)
+
+    def __getitem__(self, index: torch.Tensor) -> "PaintedGraph":
+        return PaintedGraph(self.links[index], self.painted[index], self.eps)
+
+    def ncut(self, mask: torch.Tensor) -> torch.Tensor:
+        """Hard normalised cut of ``mask`` [B, N] on this graph, [B] (NaN if a side is empty)."""
+        a = mask.to(torch.float64)
+        return ncut_from_products(a, self.matmul((1.0 - a).unsqueeze(-1))[..., 0], self.degree())
 
 
 def foreground_side(x: torch.Tensor, grid: tuple[int, int], corner_flip: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 3 of the module docstring: (foreground [B, N] bool, seed [B]) from x [B, N]
+    """Step 3 of the module docstring: (foreground [B, N] bool, seed [B]) from x [B, N]
     whose largest-magnitude entry is positive."""
     h, w = grid
     side = x > x.mean(dim=-1, keepdim=True)
@@ -104,32 +126,42 @@ def dropped(mask: torch.Tensor, previous: torch.Tensor, config: InstanceConfig) 
     return (mask_iou(mask, previous) > config.overlap_iou) | (area <= config.min_patch_frac)
 
 
-def solve(W: torch.Tensor, grid: tuple[int, int], config: InstanceConfig) -> FiedlerResult:
-    return fiedler(W, block=config.solver_block, dense_max_nodes=config.dense_max_nodes,
+def solve(graph: PaintedGraph, grid: tuple[int, int], config: InstanceConfig) -> FiedlerResult:
+    return fiedler(graph, block=config.solver_block, dense_max_nodes=config.dense_max_nodes,
                    tol=config.solver_tol, max_iter=config.solver_max_iter, grid=grid)
 
 
-def cut(linked: torch.Tensor, painted: torch.Tensor, grid: tuple[int, int], config: InstanceConfig) -> tuple[Cut, FiedlerResult]:
+def cut(links: torch.Tensor, painted: torch.Tensor, grid: tuple[int, int], config: InstanceConfig) -> Cut:
     """Steps 1 to 4 for every image: the seed component of the next cut (no drop rule)."""
-    W = painted_graph(linked, painted, config.eps)
-    result = solve(W, grid, config)
-    foreground, seed = foreground_side(result.vector, grid, config.corner_flip)
+    graph = PaintedGraph(links, painted, config.eps)
+    foreground, seed = foreground_side(solve(graph, grid, config).vector, grid, config.corner_flip)
     mask = seed_components(foreground, seed, grid)
-    found = Cut(mask, hard_ncut(mask.double(), W), result.values[:, 0], mask.double().mean(-1))
-    return found, result
+    return Cut(mask, graph.ncut(mask), link_contrast(links, mask, ~painted))
 
 
-def model_cut(linked: torch.Tensor, mask: torch.Tensor, config: InstanceConfig) -> Cut:
+def model_cut(links: torch.Tensor, mask: torch.Tensor, config: InstanceConfig) -> Cut:
     """The model's own mask [B, N] as the first instance (mode ``sempart``)."""
-    W = painted_graph(linked, torch.zeros_like(mask), config.eps)
-    nan = torch.full(mask.shape[:1], float("nan"), dtype=torch.float64, device=mask.device)
-    return Cut(mask, hard_ncut(mask.double(), W), nan, mask.double().mean(-1))
+    graph = PaintedGraph(links, torch.zeros_like(mask), config.eps)
+    return Cut(mask, graph.ncut(mask), link_contrast(links, mask, torch.ones_like(mask)))
 
 
-def instance_score(found: Cut) -> torch.Tensor:
-    """Score in [0, 1] per instance, [B] (docs/method.md, "Instances")."""
-    quality = 1.0 - found.ncut.clamp(0.0, 1.0)
-    return torch.nan_to_num(quality, nan=0.0)
+def link_contrast(links: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The instance score, [B] in [0, 1]: how much more the mask's patches link among
+    themselves than to the other ``candidates`` (the patches the cut chose from).
+
+    ``density(A, A) - density(A, R)``, clipped to [0, 1], where density(A, B) is the
+    share of linked pairs (cosine > tau) between A = ``mask`` and B, and R =
+    ``candidates`` outside A. An object of one kind against a different surround scores
+    near 1; a mask mixing kinds, or cutting one in two, scores low. Chosen over the
+    normalised cut, the eigenvalue, the eigen-gap, the eigenvector's margin and the area
+    by its rank correlation with the IoU of the best-matching object (docs/method.md).
+    """
+    inside, rest = mask.to(links.dtype), (candidates & ~mask).to(links.dtype)
+    inside_links = (links @ inside.unsqueeze(-1)).squeeze(-1)  # [B, N]: links of each patch into A
+    count = inside.sum(-1)
+    density_in = (inside_links * inside).sum(-1) / (count * count).clamp(min=1)
+    density_out = (inside_links * rest).sum(-1) / (count * rest.sum(-1)).clamp(min=1)
+    return (density_in - density_out).clamp(0.0, 1.0).double()
 
 
 def maskcut_batch(
@@ -159,15 +191,15 @@ def maskcut_batch(
 def _maskcut_group(
     feats: torch.Tensor, grid: tuple[int, int], config: InstanceConfig, first: torch.Tensor | None
 ) -> list[RawInstances]:
-    linked = linked_pairs(feats, config.tau)
+    links = feature_links(feats, config.tau)
     cuts: list[Cut] = []
     if first is not None:
-        cuts.append(model_cut(linked, first.bool(), config))
+        cuts.append(model_cut(links, first.bool(), config))
     painted = torch.zeros(feats.shape[:2], dtype=torch.bool, device=feats.device)
     if cuts:
         painted = painted | cuts[0].mask
     while len(cuts) < config.max_instances:
-        found, _ = cut(linked, painted, grid, config)
+        found = cut(links, painted, grid, config)
         if cuts:
             drop = dropped(found.mask, cuts[-1].mask, config)
             found.mask = found.mask & ~drop.unsqueeze(-1)
@@ -182,7 +214,7 @@ def _raw_instances(cuts: list[Cut], grid: tuple[int, int], first_is_model: bool)
     earlier = torch.cumsum(masks.int(), dim=1) - masks.int()
     masks = masks & (earlier == 0)
     ncut = torch.stack([c.ncut for c in cuts], dim=1).cpu().numpy()
-    score = torch.stack([instance_score(c) for c in cuts], dim=1).cpu().numpy()
+    score = torch.stack([c.score for c in cuts], dim=1).cpu().numpy()
     masks_np = masks.view(*masks.shape[:2], *grid).cpu().numpy()
     out = []
     for b in range(masks_np.shape[0]):

@@ -77,12 +77,15 @@ def hard_ncut(mask_flat: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         )
     Wd = W.to(torch.float64)
     a = mask_flat.to(torch.float64)
+    return ncut_from_products(a, (Wd @ (1.0 - a).unsqueeze(-1)).squeeze(-1), degree(Wd))
+
+
+def ncut_from_products(a: torch.Tensor, w_rest: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """`hard_ncut` from the product ``w_rest = W (1 - a)`` and the degrees ``d`` (all
+    [B, N] float64), for graphs that give products without being built."""
     b = 1.0 - a
-    cut = torch.einsum("bi,bij,bj->b", a, Wd, b)
-    d = degree(Wd)
-    assoc_a = (a * d).sum(-1)
-    assoc_b = (b * d).sum(-1)
-    ncut = cut / assoc_a + cut / assoc_b
+    cut = (a * w_rest).sum(-1)
+    ncut = cut / (a * d).sum(-1) + cut / (b * d).sum(-1)
     empty = (a.sum(-1) == 0) | (b.sum(-1) == 0)
     return torch.where(empty, torch.full_like(ncut, float("nan")), ncut)
 
