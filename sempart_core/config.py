@@ -97,7 +97,9 @@ class InstanceConfig:
     # 4 corner patches; 0 turns the rule off
     overlap_iou: float = 0.5  # a mask whose IoU with the previous cut's mask exceeds this is dropped
     min_patch_frac: float = 0.01  # ... and so is one covering at most this share of the patches
-    refine: str = "bilinear"  # to full resolution: "nearest", "bilinear" or "bilateral"
+    # To full resolution: "nearest", "bilinear" or "bilateral" (the bilateral solver on the
+    # original image; best by measurement, docs/method.md; needs the image in `finish`).
+    refine: str = "bilateral"
     refine_min_iou: float = 0.5  # refined masks this far from their patch mask are dropped
     fill_holes: bool = True
     solver_block: int = 4  # vectors per graph in the eigen-solver (sempart_core/fiedler.py)

@@ -175,12 +175,16 @@ def maskcut_batch(
 
     With ``first`` [B, N] (the model's foreground, mode ``sempart``) that mask is the
     first instance and ``max_instances - 1`` cuts follow over the other patches.
-    Images are processed in groups whose graphs fit ``_MAX_GRAPH_ELEMENTS``.
+
+    On a GPU the images go together, in groups whose link matrices fit
+    ``_MAX_GRAPH_ELEMENTS``. On the CPU they go one at a time: the solver is bound by
+    reading the link matrix (20 MB at 1,600 patches), which then stays in cache;
+    measured 1.8x faster than 8 together (ViT-S/8 at 320 px, one thread).
     """
     n = feats.shape[1]
     if n != grid[0] * grid[1]:
         raise ValueError(f"feats {tuple(feats.shape)} do not match grid {grid}")
-    step = max(1, _MAX_GRAPH_ELEMENTS // (n * n))
+    step = 1 if feats.device.type == "cpu" else max(1, _MAX_GRAPH_ELEMENTS // (n * n))
     out: list[RawInstances] = []
     for start in range(0, feats.shape[0], step):
         part = None if first is None else first[start : start + step]
