@@ -197,11 +197,10 @@ def _maskcut_group(
 ) -> list[RawInstances]:
     links = feature_links(feats, config.tau)
     cuts: list[Cut] = []
+    painted = torch.zeros(feats.shape[:2], dtype=torch.bool, device=feats.device)
     if first is not None:
         cuts.append(model_cut(links, first.bool(), config))
-    painted = torch.zeros(feats.shape[:2], dtype=torch.bool, device=feats.device)
-    if cuts:
-        painted = painted | cuts[0].mask
+        painted = cuts[0].mask
     while len(cuts) < config.max_instances:
         found = cut(links, painted, grid, config)
         if cuts:

@@ -160,7 +160,7 @@ def finish_raw(
     height: int,
     width: int,
     post: PostConfig,
-    instances: InstanceConfig = InstanceConfig(),
+    instances: InstanceConfig | None = None,
     rgb: np.ndarray | None = None,
     bilateral: BilateralConfig = BilateralConfig(),
 ) -> Prediction:
@@ -168,12 +168,14 @@ def finish_raw(
     CPU workers of the labelling pipeline run this after inference).
 
     Instances, when ``raw`` has them, are finished with ``instances``' refinement
-    settings (`finish_instances`; ``rgb`` and ``bilateral`` for the bilateral solver).
+    settings (default `InstanceConfig()`; `finish_instances`; ``rgb`` and ``bilateral``
+    for the bilateral solver).
     """
     pred = postprocess(resize_prob(raw.prob, (height, width)), raw.ncut, post)
     pred.coarse, pred.border_flipped = raw.coarse, raw.border_flipped
     if raw.instances is not None:
-        pred.instances = finish_instances(raw.instances, (height, width), instances, pred.mask, rgb, bilateral)
+        config = instances or InstanceConfig()
+        pred.instances = finish_instances(raw.instances, (height, width), config, pred.mask, rgb, bilateral)
     return pred
 
 

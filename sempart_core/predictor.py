@@ -33,7 +33,7 @@ from .graph import partition_ncut
 from .images import prepare_image
 from .instances import maskcut_batch
 from .model import SempartHeads
-from .postprocess import Prediction, RawPrediction, finish_raw, resize_prob
+from .postprocess import Prediction, RawInstances, RawPrediction, finish_raw, resize_prob
 from .tokencut import tokencut_partition, upsample_patch_mask
 from .training import to_model_input
 
@@ -103,7 +103,7 @@ class Predictor:
                 coarse, ncut = tokencut_partition(feats, grid, graph.tau, graph.eps, border_rule=False)
                 fine = upsample_patch_mask(coarse, tuple(x.shape[-2:]))
                 flipped = torch.zeros(len(coarse), dtype=torch.bool)
-        instances: list = [None] * len(batch)
+        instances: list[RawInstances | None] = [None] * len(batch)
         if self.instances is not None:
             first = (coarse > 0.5).flatten(1) if self.instances.mode == "sempart" else None
             instances = maskcut_batch(feats, grid, self.instances, first)
@@ -126,8 +126,7 @@ class Predictor:
                 raise ValueError("method 'tokencut-bs' refines each mask on its image: pass rgb at (height, width)")
             mask = resize_prob(raw.prob, (height, width)) > self.config.post.threshold
             raw = replace(raw, prob=refine_mask(rgb, mask, self.bilateral))
-        instances = self.instances or InstanceConfig()
-        return finish_raw(raw, height, width, self.config.post, instances, rgb, self.bilateral)
+        return finish_raw(raw, height, width, self.config.post, self.instances, rgb, self.bilateral)
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Predictions for RGB uint8 images of any sizes, each at its own size.
