@@ -83,11 +83,14 @@ class FiedlerResult:
     positive (an eigenvector has no sign of its own; this one makes results
     reproducible). ``values`` [B, k]: the smallest eigenvalues of L after 0
     (``values[:, 0]`` is lambda_2; from LOBPCG the others are Ritz values, upper
-    estimates). ``residual`` [B]: ``||L v - lambda_2 v||`` for unit v (0 when dense).
+    estimates). ``basis`` [B, N, k]: their eigenvectors of L (v = D^1/2 x), a start
+    for a graph that differs a little. ``residual`` [B]: ``||L v - lambda_2 v||`` for
+    unit v (0 when dense).
     """
 
     vector: torch.Tensor
     values: torch.Tensor
+    basis: torch.Tensor
     residual: torch.Tensor
     iterations: int
 
@@ -99,7 +102,8 @@ def _canonical_sign(x: torch.Tensor) -> torch.Tensor:
 
 
 def fiedler(graph: Graph | torch.Tensor, *, block: int = 4, dense_max_nodes: int = 256, tol: float = 1e-9,
-            max_iter: int = 100, grid: tuple[int, int] | None = None) -> FiedlerResult:
+            max_iter: int = 100, grid: tuple[int, int] | None = None,
+            start: torch.Tensor | None = None) -> FiedlerResult:
     """Fiedler vectors of a `Graph` (or of W [B, N, N]), each as exact as a dense solver's.
 
     Graphs of up to ``dense_max_nodes`` nodes use ``dense_fiedler``; larger ones
@@ -111,12 +115,13 @@ def fiedler(graph: Graph | torch.Tensor, *, block: int = 4, dense_max_nodes: int
         graph = DenseGraph(graph)
     if graph.degree().shape[-1] <= dense_max_nodes:
         return dense_fiedler(graph.dense(), block=block)
-    result = fiedler_lobpcg(graph, block=block, tol=tol, max_iter=max_iter, grid=grid)
+    result = fiedler_lobpcg(graph, block=block, tol=tol, max_iter=max_iter, grid=grid, start=start)
     slow = (result.residual >= tol).nonzero().flatten()
     if slow.numel():
         logger.debug("LOBPCG left %d graph(s) above tol %.1e: dense eigh for those", slow.numel(), tol)
         dense = dense_fiedler(graph[slow].dense(), block=result.values.shape[-1])
         result.vector[slow], result.values[slow], result.residual[slow] = dense.vector, dense.values, dense.residual
+        result.basis[slow] = dense.basis
     return result
 
 
@@ -133,7 +138,7 @@ def dense_fiedler(W: torch.Tensor, *, block: int = 1, compute_dtype: torch.dtype
     values, vectors = torch.linalg.eigh(_symmetric(laplacian))  # ascending
     vector = _canonical_sign(vectors[..., 1] * inv_sqrt_d)
     residual = torch.zeros(Wd.shape[0], dtype=compute_dtype, device=Wd.device)
-    return FiedlerResult(vector, values[:, 1 : 1 + block], residual, 0)
+    return FiedlerResult(vector, values[:, 1 : 1 + block], vectors[..., 1 : 1 + block], residual, 0)
 
 
 def _orthonormal(x: torch.Tensor) -> torch.Tensor:
@@ -175,13 +180,15 @@ def fiedler_lobpcg(
     tol: float = 1e-9,
     max_iter: int = 100,
     grid: tuple[int, int] | None = None,
+    start: torch.Tensor | None = None,
 ) -> FiedlerResult:
     """Fiedler vectors of a `Graph` (or of W [B, N, N], symmetric, positive degrees) by LOBPCG.
 
     ``block`` vectors are iterated per graph (at least 1, at most (N - 1) // 3 so that
     the search space fits); ``tol`` bounds the residual norm of the Fiedler pair (unit
     v), ``max_iter`` the iterations (``residual`` tells which graphs stayed above
-    ``tol``); ``grid`` (h, w) shapes the deterministic start.
+    ``tol``). The start is ``start`` [B, N, block] (a previous ``basis``) when given,
+    else a deterministic block shaped by the patch ``grid`` (h, w).
     """
     if isinstance(graph, torch.Tensor):
         if graph.ndim != 3 or graph.shape[1] != graph.shape[2]:
@@ -192,9 +199,11 @@ def fiedler_lobpcg(
     if n < 4:
         raise ValueError(f"fiedler_lobpcg needs at least 4 nodes, got {n}")
     block = max(1, min(block, (n - 1) // 3))
-    start = _initial_block(n, block, grid, d.device).expand(n_graphs, n, block)
+    if start is None or start.shape != (n_graphs, n, block):
+        start = _initial_block(n, block, grid, d.device).expand(n_graphs, n, block)
     vector = torch.empty(n_graphs, n, dtype=torch.float64, device=d.device)
     values = torch.empty(n_graphs, block, dtype=torch.float64, device=d.device)
+    basis = torch.empty(n_graphs, n, block, dtype=torch.float64, device=d.device)
     residual = torch.empty(n_graphs, dtype=torch.float64, device=d.device)
     state = _Lobpcg(graph, d, start)
     active = torch.arange(n_graphs, device=d.device)  # graph of each row of the state
@@ -206,7 +215,7 @@ def fiedler_lobpcg(
         if bool(done.any()):  # record each graph when it first converges
             idx = active[done]
             vector[idx] = state.X[done][..., 0] * state.inv_sqrt_d[done][..., 0]
-            values[idx], residual[idx] = state.theta[done], res[done]
+            values[idx], basis[idx], residual[idx] = state.theta[done], state.X[done], res[done]
             pending = pending & ~done
             if not bool(pending.any()):
                 break
@@ -216,7 +225,7 @@ def fiedler_lobpcg(
                 active, pending = active[pending], pending[pending]
         state.step()
         iterations += 1
-    return FiedlerResult(_canonical_sign(vector), values, residual, iterations)
+    return FiedlerResult(_canonical_sign(vector), values, basis, residual, iterations)
 
 
 class _Lobpcg:
