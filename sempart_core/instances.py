@@ -78,12 +78,15 @@ class PaintedGraph:
     def __init__(self, links: torch.Tensor, painted: torch.Tensor, eps: float):
         self.links, self.painted, self.eps = links, painted, eps
         self.keep = (~painted).to(torch.float64).unsqueeze(-1)  # [B, N, 1]
+        self._degree: torch.Tensor | None = None
 
     def matmul(self, v: torch.Tensor) -> torch.Tensor:
         return self.eps * v.sum(1, keepdim=True) + (1.0 - self.eps) * self.keep * (self.links @ (self.keep * v))
 
     def degree(self) -> torch.Tensor:
-        return self.matmul(self.keep.new_ones(self.keep.shape))[..., 0]
+        if self._degree is None:  # a pass over the links: the solver and ncut share it
+            self._degree = self.matmul(self.keep.new_ones(self.keep.shape))[..., 0]
+        return self._degree
 
     def dense(self) -> torch.Tensor:
         return self.eps + (1.0 - self.eps) * (self.keep * self.links * self.keep.mT)
