@@ -15,7 +15,7 @@ whose smallest eigenvector ``sqrt(d)`` is known and projected out, so the smalle
 eigenpair left is the Fiedler pair. Each iteration costs one product of every graph
 with a block of ``block`` vectors: a batched matrix product whose cost is set by
 reading W once, so a block of a few vectors costs about what one does; a block of 4
-converged in 9 to 11 iterations on ViT-S/8 graphs at 320 px (docs/method.md).
+converged in 7 to 10 iterations on ViT-S/8 graphs at 320 px (docs/method.md).
 
 Float64 throughout: the split at the mean must land
 where a float64 dense solver puts it. Numerically robust form: the search directions
