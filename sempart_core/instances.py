@@ -18,13 +18,14 @@ MaskCut repeats TokenCut's normalised cut. Per image, for each of up to N cuts
 6. Its patches are zeroed for the next cut, and earlier masks are subtracted from it.
 
 On step 3: CutLER's code decides on ``x > mean`` with whatever sign the solver returns,
-so there the corner rule only acts when the returned seed entry is positive; fixing
-the sign first gives the rule as the paper states it, the same for every solver.
+so there the corner rule only acts when the returned seed entry is positive. Fixing
+the sign first makes every solver behave as that code does with a positive seed entry.
 
-All images of a model call run each cut together: one similarity product per image,
-kept as a 0/1 matrix that every cut's graph reuses (`PaintedGraph`: step 1 never
-rebuilds W), and one batched eigen-solve per cut. Only the seed components (step 4, a
-few hundred patches per image) go to the CPU.
+On a GPU all images of a model call run each cut together: one similarity product per
+image, kept as a 0/1 matrix that every cut's graph reuses (`PaintedGraph`: step 1 never
+rebuilds W), and one batched eigen-solve per cut, started from the previous cut's
+vectors. Only the seed components (step 4, a few hundred patches per image) go to the
+CPU. On the CPU the images go one at a time (`maskcut_batch`).
 """
 from __future__ import annotations
 
