@@ -10,8 +10,10 @@ import importlib
 
 _EXPORTS = {
     "SempartConfig": "config",
+    "InstanceConfig": "config",
     "load_config": "config",
     "Prediction": "postprocess",
+    "Instance": "postprocess",
     "Predictor": "predictor",
     "load_predictor": "predictor",
 }

@@ -80,6 +80,47 @@ class PostConfig:
 
 
 @dataclass
+class InstanceConfig:
+    """Several objects per image: MaskCut (CutLER, Wang et al. 2023), docs/method.md.
+
+    Defaults are MaskCut's published ones. Not part of `SempartConfig`: instances are
+    chosen when labelling, not when training, so a model folder does not fix them.
+    """
+
+    max_instances: int = 3  # N: cuts per image (with mode "sempart", the model's mask is the first)
+    # "maskcut": the published procedure alone; "sempart": the first instance is the model's
+    # own foreground mask and the cuts go on over the remaining patches.
+    mode: str = "maskcut"
+    tau: float = 0.15  # W_ij = 1 where the cosine similarity of the keys exceeds tau, else eps
+    eps: float = 1e-5
+    corner_flip: int = 3  # take the other side when the seed's side holds >= this many of the
+    # 4 corner patches; 0 turns the rule off
+    overlap_iou: float = 0.5  # a mask whose IoU with the previous cut's mask exceeds this is dropped
+    min_patch_frac: float = 0.01  # ... and so is one covering at most this share of the patches
+    # To full resolution: "nearest", "bilinear" or "bilateral" (the bilateral solver on the
+    # original image; best by measurement, docs/method.md; needs the image in `finish`).
+    refine: str = "bilateral"
+    refine_min_iou: float = 0.5  # refined masks this far from their patch mask are dropped
+    fill_holes: bool = True
+    solver_block: int = 4  # vectors per graph in the eigen-solver (sempart_core/fiedler.py)
+    solver_tol: float = 1e-9  # residual of the Fiedler pair
+    solver_max_iter: int = 100  # then a dense eigh for the graphs still above tol
+    dense_max_nodes: int = 256  # smaller graphs use a dense eigh (as fast there, exact)
+
+    def __post_init__(self) -> None:
+        if self.mode not in INSTANCE_MODES:
+            raise ValueError(f"unknown instance mode {self.mode!r}: use one of {', '.join(INSTANCE_MODES)}")
+        if self.refine not in INSTANCE_REFINERS:
+            raise ValueError(f"unknown refinement {self.refine!r}: use one of {', '.join(INSTANCE_REFINERS)}")
+        if self.max_instances < 1:
+            raise ValueError("max_instances must be >= 1")
+
+
+INSTANCE_MODES = ("maskcut", "sempart")
+INSTANCE_REFINERS = ("nearest", "bilinear", "bilateral")
+
+
+@dataclass
 class TrainConfig:
     """Optimiser and schedule of the training loop."""
 

@@ -23,10 +23,69 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from sempart_core.config import PostConfig
+from sempart_core.bilateral import BilateralConfig, refine_mask
+from sempart_core.config import InstanceConfig, PostConfig
 
 # 8-connectivity: diagonal neighbours belong to the same component.
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+@dataclass
+class Instance:
+    """One object of an image at its original size (`Prediction.instances`).
+
+    ``box`` spans the whole mask (the module's exclusive ``xyxy`` convention); ``score``
+    in [0, 1] ranks instances by quality; ``ncut`` is the normalised cut that found the
+    mask, on the graph of that cut.
+    """
+
+    mask: np.ndarray  # H x W bool
+    box: list[float]
+    area: int
+    score: float
+    ncut: float
+
+    def rle(self) -> dict[str, Any]:
+        """COCO compressed RLE of the mask."""
+        return mask_to_rle(self.mask)
+
+
+@dataclass
+class RawInstances:
+    """One image's instances on the patch grid, as `Predictor.infer` gives them.
+
+    ``masks`` [K, h, w] bool in the order found, disjoint (earlier ones already
+    subtracted) and none empty; ``ncut`` and ``score`` float32 [K]. With
+    ``first_is_model`` the first mask is the model's own foreground, which `finish`
+    takes from the full-resolution map instead of refining the patch mask.
+
+    Serialised compactly with ``pack()``: a dict of plain values (``shape`` [K, h, w],
+    ``bits``: the masks as ``np.packbits`` bytes, 600 bytes for 3 masks of 40 x 40
+    patches; ``ncut`` and ``score`` as lists of floats; ``first_is_model``), fit for an
+    Arrow row or a Ray object; ``RawInstances.unpack`` restores it exactly.
+    """
+
+    masks: np.ndarray
+    ncut: np.ndarray
+    score: np.ndarray
+    first_is_model: bool = False
+
+    def pack(self) -> dict[str, Any]:
+        return {
+            "shape": [int(v) for v in self.masks.shape],
+            "bits": np.packbits(self.masks, axis=None).tobytes(),
+            "ncut": [float(v) for v in self.ncut],
+            "score": [float(v) for v in self.score],
+            "first_is_model": bool(self.first_is_model),
+        }
+
+    @classmethod
+    def unpack(cls, packed: dict[str, Any]) -> "RawInstances":
+        shape = tuple(int(v) for v in packed["shape"])
+        bits = np.frombuffer(packed["bits"], dtype=np.uint8)
+        masks = np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
+        return cls(masks, np.asarray(packed["ncut"], dtype=np.float32),
+                   np.asarray(packed["score"], dtype=np.float32), bool(packed["first_is_model"]))
 
 
 @dataclass
@@ -39,6 +98,8 @@ class Prediction:
     graph code for the final partition. ``coarse`` is the patch-level map [h, w] after
     the foreground rule (None when not kept); ``border_flipped`` says whether the border
     rule flipped the model's output, so that evaluation can score the rule off too.
+    ``instances`` are the objects found by MaskCut, largest first (empty unless the
+    predictor was asked for instances).
     """
 
     prob: np.ndarray  # H x W float32 in [0, 1], foreground probability
@@ -49,6 +110,7 @@ class Prediction:
     ncut: float = float("nan")
     coarse: np.ndarray | None = None
     border_flipped: bool = False
+    instances: list[Instance] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -68,12 +130,14 @@ class Prediction:
 @dataclass
 class RawPrediction:
     """What the model gives for one image: foreground map at the input size, and ncut
-    (plus the coarse map and whether the border rule flipped, as in `Prediction`)."""
+    (plus the coarse map, whether the border rule flipped, and the instances, as in
+    `Prediction`)."""
 
     prob: np.ndarray  # float32 [h_in, w_in]
     ncut: float
     coarse: np.ndarray | None = None  # float32 [h, w], the patch grid
     border_flipped: bool = False
+    instances: RawInstances | None = None
 
 
 def resize_prob(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -91,12 +155,102 @@ def resize_prob(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
-def finish_raw(raw: RawPrediction, height: int, width: int, post: PostConfig) -> Prediction:
+def finish_raw(
+    raw: RawPrediction,
+    height: int,
+    width: int,
+    post: PostConfig,
+    instances: InstanceConfig | None = None,
+    rgb: np.ndarray | None = None,
+    bilateral: BilateralConfig = BilateralConfig(),
+) -> Prediction:
     """A model map -> the image's Prediction at its original size (no model needed:
-    CPU workers of the labelling pipeline run this after inference)."""
+    CPU workers of the labelling pipeline run this after inference).
+
+    Instances, when ``raw`` has them, are finished with ``instances``' refinement
+    settings (default `InstanceConfig()`; `finish_instances`; ``rgb`` and ``bilateral``
+    for the bilateral solver).
+    """
     pred = postprocess(resize_prob(raw.prob, (height, width)), raw.ncut, post)
     pred.coarse, pred.border_flipped = raw.coarse, raw.border_flipped
+    if raw.instances is not None:
+        config = instances or InstanceConfig()
+        pred.instances = finish_instances(raw.instances, (height, width), config, pred.mask, rgb, bilateral)
     return pred
+
+
+def refine_instance(
+    patch_mask: np.ndarray,
+    size: tuple[int, int],
+    config: InstanceConfig,
+    rgb: np.ndarray | None = None,
+    bilateral: BilateralConfig = BilateralConfig(),
+) -> np.ndarray | None:
+    """A patch mask [h, w] -> a bool mask of ``size`` (height, width) by ``config.refine``.
+
+    ``nearest`` repeats each patch; ``bilinear`` thresholds the bilinear resize at 0.5;
+    ``bilateral`` snaps that to ``rgb``'s edges with the bilateral solver (as the
+    ``tokencut-bs`` method does). Then holes are filled (``config.fill_holes``), and a
+    result whose IoU with the nearest resize is below ``config.refine_min_iou`` is
+    dropped (None), as MaskCut drops masks its CRF changed too much.
+    """
+    patch = np.asarray(patch_mask, dtype=bool)
+    height, width = size
+    nearest = np.asarray(Image.fromarray(patch).resize((width, height), Image.Resampling.NEAREST), dtype=bool)
+    if config.refine == "nearest":
+        mask = nearest
+    else:
+        mask = resize_prob(patch.astype(np.float32), size) > 0.5
+        if config.refine == "bilateral":
+            if rgb is None or rgb.shape[:2] != (height, width):
+                raise ValueError("bilateral refinement needs the image: pass rgb at (height, width)")
+            mask = refine_mask(rgb, mask, bilateral) > 0.5
+    if config.fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    union = np.count_nonzero(mask | nearest)
+    iou = np.count_nonzero(mask & nearest) / union if union else 0.0
+    return mask if iou >= config.refine_min_iou else None
+
+
+def finish_instances(
+    raw: RawInstances,
+    size: tuple[int, int],
+    config: InstanceConfig,
+    model_mask: np.ndarray | None = None,
+    rgb: np.ndarray | None = None,
+    bilateral: BilateralConfig = BilateralConfig(),
+) -> list[Instance]:
+    """Full-resolution instances of ``size`` (height, width), largest first.
+
+    Each patch mask is refined (`refine_instance`), except a first mask that is the
+    model's own (``raw.first_is_model``): that one is ``model_mask``, the thresholded
+    fine map. As in MaskCut, every mask loses the pixels of the masks found before it;
+    masks left empty are dropped.
+    """
+    taken = np.zeros(size, dtype=bool)
+    found = []
+    for k, patch in enumerate(raw.masks):
+        if k == 0 and raw.first_is_model:
+            if model_mask is None:
+                raise ValueError("the first instance is the model's mask: pass model_mask")
+            mask = np.asarray(model_mask, dtype=bool)
+        else:
+            mask = refine_instance(patch, size, config, rgb, bilateral)
+        if mask is None:
+            continue
+        mask = mask & ~taken
+        taken |= mask
+        area = int(np.count_nonzero(mask))
+        if area:
+            found.append(Instance(mask, mask_box(mask), area, float(raw.score[k]), float(raw.ncut[k])))
+    return sorted(found, key=lambda inst: -inst.area)
+
+
+def mask_box(mask: np.ndarray) -> list[float]:
+    """Box of all pixels of a non-empty mask, in the module's exclusive ``xyxy`` convention."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
 
 
 def connected_boxes(

@@ -9,6 +9,11 @@ Methods on the same backbone: ``sempart`` (trained heads), ``tokencut`` (TokenCu
 published: its own seed rule picks the foreground, no border rule) and ``tokencut-bs``
 (TokenCut's mask refined with the bilateral solver on the original image in `finish`,
 the post-inference refinement SEMPART's fine branch replaces).
+
+With ``instances`` (an `InstanceConfig`), `infer` also runs MaskCut on the same
+features, batched (`instances.maskcut_batch`; in mode ``sempart`` the method's own mask
+is the first instance), and `finish` turns them into full-resolution
+`Prediction.instances`.
 """
 from __future__ import annotations
 
@@ -21,14 +26,15 @@ import torch
 from .artifact import LoadedArtifact, read_artifact
 from .backbone import Backbone, build_backbone, create_vit
 from .batching import DEFAULT_MAX_BATCH_TOKENS, ImageOutOfMemory, infer_in_batches
-from .config import SempartConfig
+from .config import InstanceConfig, SempartConfig
 from .bilateral import BilateralConfig, refine_mask
 from .foreground import foreground_rule
 from .graph import partition_ncut
 from .images import prepare_image
+from .instances import maskcut_batch
 from .model import SempartHeads
+from .postprocess import Prediction, RawInstances, RawPrediction, finish_raw, resize_prob
 from .prefetch import DeviceCopier
-from .postprocess import Prediction, RawPrediction, finish_raw, resize_prob
 from .tokencut import tokencut_partition, upsample_patch_mask
 from .training import to_model_input
 
@@ -51,6 +57,7 @@ class Predictor:
         meta: dict | None = None,
         batch_size: int = 8,
         bilateral: BilateralConfig = BilateralConfig(),
+        instances: InstanceConfig | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
@@ -65,6 +72,7 @@ class Predictor:
         self.meta = meta or {}
         self.batch_size = batch_size
         self.bilateral = bilateral
+        self.instances = instances  # None: no instances, Prediction.instances stays empty
         self.max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS  # see sempart_core/batching.py
         # bf16 on GPU: the backbone dominates the cost; the graph stays float32 (graph.py).
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
@@ -79,7 +87,8 @@ class Predictor:
 
     @torch.inference_mode()
     def infer(self, batch: np.ndarray) -> list[RawPrediction]:
-        """Equal-sized prepared images [B, h_in, w_in, 3] -> foreground maps and ncut."""
+        """Equal-sized prepared images [B, h_in, w_in, 3] -> foreground maps and ncut
+        (and patch-level instances when the predictor has an `InstanceConfig`)."""
         x = to_model_input(batch, self.backbone.mean, self.backbone.std, self.device)
         grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
         graph = self.config.graph
@@ -95,26 +104,30 @@ class Predictor:
                 coarse, ncut = tokencut_partition(feats, grid, graph.tau, graph.eps, border_rule=False)
                 fine = upsample_patch_mask(coarse, tuple(x.shape[-2:]))
                 flipped = torch.zeros(len(coarse), dtype=torch.bool)
+        instances: list[RawInstances | None] = [None] * len(batch)
+        if self.instances is not None:
+            first = (coarse > 0.5).flatten(1) if self.instances.mode == "sempart" else None
+            instances = maskcut_batch(feats, grid, self.instances, first)
         fine = fine.float().cpu().numpy()
         coarse = coarse.float().cpu().numpy()
         ncut = ncut.float().cpu().numpy()
         return [
-            RawPrediction(prob=p, ncut=float(n), coarse=c, border_flipped=bool(f))
-            for p, n, c, f in zip(fine, ncut, coarse, flipped.tolist())
+            RawPrediction(prob=p, ncut=float(n), coarse=c, border_flipped=bool(f), instances=i)
+            for p, n, c, f, i in zip(fine, ncut, coarse, flipped.tolist(), instances)
         ]
 
     def finish(self, raw: RawPrediction, height: int, width: int, rgb: np.ndarray | None = None) -> Prediction:
-        """Resize the map to the original image size and post-process it.
+        """Resize the map to the original image size and post-process it (instances too).
 
-        ``tokencut-bs`` needs the original image ``rgb`` [height, width, 3]: the
-        bilateral solver snaps TokenCut's mask to its colour edges.
+        ``tokencut-bs``, and instances refined with the bilateral solver, need the
+        original image ``rgb`` [height, width, 3]: the solver snaps masks to its edges.
         """
         if self.method == "tokencut-bs":
             if rgb is None or rgb.shape[:2] != (height, width):
                 raise ValueError("method 'tokencut-bs' refines each mask on its image: pass rgb at (height, width)")
             mask = resize_prob(raw.prob, (height, width)) > self.config.post.threshold
             raw = replace(raw, prob=refine_mask(rgb, mask, self.bilateral))
-        return finish_raw(raw, height, width, self.config.post)
+        return finish_raw(raw, height, width, self.config.post, self.instances, rgb, self.bilateral)
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Predictions for RGB uint8 images of any sizes, each at its own size.
@@ -135,9 +148,13 @@ class Predictor:
 
 
 def predictor_from_artifact(
-    art: LoadedArtifact, device: str | torch.device = "cpu", method: str = "sempart", batch_size: int = 8
+    art: LoadedArtifact,
+    device: str | torch.device = "cpu",
+    method: str = "sempart",
+    batch_size: int = 8,
+    instances: InstanceConfig | None = None,
 ) -> Predictor:
-    """Rebuild backbone and heads from a read artifact."""
+    """Rebuild backbone and heads from a read artifact (``instances``: see `Predictor`)."""
     cfg = art.config
     if art.backbone_state is not None:
         vit = create_vit(cfg.backbone.name, image_size=cfg.data.image_size)
@@ -149,11 +166,17 @@ def predictor_from_artifact(
     heads.load_state_dict(art.heads_state)
     if art.meta.get("random_backbone"):
         logger.warning("model %s uses a RANDOM backbone (tests/demo only)", art.model_id[:12])
-    return Predictor(backbone, heads, cfg, device, method, art.model_id, art.meta, batch_size)
+    return Predictor(backbone, heads, cfg, device, method, art.model_id, art.meta, batch_size,
+                     instances=instances)
 
 
 def load_predictor(
-    location: str, device: str | torch.device = "cpu", method: str = "sempart", batch_size: int = 8
+    location: str,
+    device: str | torch.device = "cpu",
+    method: str = "sempart",
+    batch_size: int = 8,
+    instances: InstanceConfig | None = None,
 ) -> Predictor:
-    """Load a model artifact (local folder, file:// or s3:// URI) for inference."""
-    return predictor_from_artifact(read_artifact(location), device, method, batch_size)
+    """Load a model artifact (local folder, file:// or s3:// URI) for inference;
+    ``instances`` (an `InstanceConfig`) adds MaskCut's instances to every prediction."""
+    return predictor_from_artifact(read_artifact(location), device, method, batch_size, instances)

@@ -1,7 +1,8 @@
-"""Synthetic scenes with known object masks: a coloured shape on a textured background.
+"""Synthetic scenes with known object masks: coloured shapes on a textured background.
 
-Used by tests (does training learn?), benchmarks and the demo, where no labelled data
-may be used. Deterministic for a given seed.
+`synthetic_scene` holds one object (tests of learning, benchmarks, the demo);
+`synthetic_instances` holds 2 to 5, touching or apart, each with its own mask (tests of
+instances). Used where no labelled data may be used. Deterministic for a given seed.
 """
 from __future__ import annotations
 
@@ -55,3 +56,68 @@ def synthetic_dataset(n: int, size: tuple[int, int] = (128, 128), seed: int = 0)
     """Lists of n images and their masks, scene i seeded with seed * 100_003 + i."""
     pairs = [synthetic_scene(seed * 100_003 + i, size) for i in range(n)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+# Saturated, well-separated colours: neighbouring objects never share one.
+_PALETTE = np.array([
+    [230, 40, 40], [40, 200, 40], [40, 60, 230], [230, 210, 40], [200, 40, 200], [40, 210, 210],
+], dtype=np.float32)
+
+
+def _split(rng: np.random.Generator, box: tuple[int, int, int, int], parts: int) -> list[tuple[int, int, int, int]]:
+    """Guillotine-cut ``box`` (y0, x0, y1, x1) into ``parts`` boxes across its longer side."""
+    if parts == 1:
+        return [box]
+    y0, x0, y1, x1 = box
+    first = parts // 2
+    frac = first / parts + rng.uniform(-0.08, 0.08)
+    if y1 - y0 >= x1 - x0:
+        cut = y0 + int(round(frac * (y1 - y0)))
+        halves = (y0, x0, cut, x1), (cut, x0, y1, x1)
+    else:
+        cut = x0 + int(round(frac * (x1 - x0)))
+        halves = (y0, x0, y1, cut), (y0, cut, y1, x1)
+    return _split(rng, halves[0], first) + _split(rng, halves[1], parts - first)
+
+
+def _cell_object(rng: np.random.Generator, cell: tuple[int, int, int, int], size: tuple[int, int],
+                 touching: bool) -> np.ndarray:
+    """An object in ``cell``: filling it up to its edges (touching) or shrunk inside it."""
+    y0, x0, y1, x1 = cell
+    yy, xx = np.mgrid[0 : size[0], 0 : size[1]]
+    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+    inside = (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
+    if touching:  # a rounded rectangle: an ellipse wider than the cell, cut by its edges
+        ry, rx = 0.62 * (y1 - y0), 0.62 * (x1 - x0)
+        return inside & (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0)
+    scale = rng.uniform(0.55, 0.75)
+    ry, rx = scale * (y1 - y0) / 2, scale * (x1 - x0) / 2
+    if rng.random() < 0.5:
+        return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+    return (np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx)
+
+
+def synthetic_instances(
+    seed: int, size: tuple[int, int] = (256, 256), n_objects: int | None = None, touching: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One (RGB uint8 HxWx3, masks bool KxHxW) pair: K objects of distinct colours.
+
+    A central region (55-80 % of each side) is cut into K cells, one object per cell:
+    with ``touching`` the objects fill their cells up to the shared edges, otherwise
+    each is shrunk inside its cell, so that background separates them. ``n_objects``
+    (2 to 5) and ``touching`` are drawn from the seed when not given.
+    """
+    rng = np.random.default_rng(seed)
+    h, w = size
+    k = int(n_objects) if n_objects is not None else int(rng.integers(2, 6))
+    touching = bool(rng.random() < 0.5) if touching is None else touching
+    img = _texture(rng, h, w)
+    rh, rw = rng.uniform(0.55, 0.8) * h, rng.uniform(0.55, 0.8) * w
+    y0, x0 = int(rng.uniform(0.1 * h, h - rh - 0.1 * h)), int(rng.uniform(0.1 * w, w - rw - 0.1 * w))
+    cells = _split(rng, (y0, x0, y0 + int(rh), x0 + int(rw)), k)
+    colours = _PALETTE[rng.permutation(len(_PALETTE))[:k]]
+    masks = np.stack([_cell_object(rng, cell, size, touching) for cell in cells])
+    for mask, colour in zip(masks, colours):
+        shade = rng.normal(0, 10, size=(h, w, 1))
+        img[mask] = (colour + shade)[mask]
+    return np.clip(img, 0, 255).astype(np.uint8), masks

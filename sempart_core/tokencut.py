@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from sempart_core.config import GraphConfig
+from sempart_core.fiedler import dense_fiedler
 from sempart_core.graph import affinity, degree
 from sempart_core.foreground import border_flip
 
@@ -43,9 +44,9 @@ def fiedler_vector(W: torch.Tensor, compute_dtype: torch.dtype = torch.float64) 
     """Second smallest generalised eigenvector of ``(D - W) x = lambda D x``.
 
     Solved as the symmetric problem ``D^-1/2 (D - W) D^-1/2 v = lambda v`` with
-    ``torch.linalg.eigh`` (batched, on W's device), then ``x = D^-1/2 v``. Float64 by
-    default: on graphs with nearly separate parts the two smallest eigenvalues differ by
-    about ``eps`` and float32 would mix their eigenvectors.
+    ``torch.linalg.eigh`` (batched, on W's device; ``fiedler.dense_fiedler``), then
+    ``x = D^-1/2 v``. Float64 by default: on graphs with nearly separate parts the two
+    smallest eigenvalues differ by about ``eps`` and float32 would mix their eigenvectors.
 
     ``W`` is ``[N, N]`` or ``[B, N, N]``, symmetric with positive degrees. Returns ``x``
     (``[N]`` or ``[B, N]``, in ``compute_dtype``) scaled so that ``x^T D x = 1``, with the
@@ -57,16 +58,7 @@ def fiedler_vector(W: torch.Tensor, compute_dtype: torch.dtype = torch.float64) 
     if W.shape[-1] < 2:
         raise ValueError("fiedler_vector needs at least 2 nodes")
     batched = W if W.ndim == 3 else W.unsqueeze(0)
-    Wd = batched.to(compute_dtype)
-    inv_sqrt_d = degree(Wd).rsqrt()  # [B, N]
-    normalised = Wd * inv_sqrt_d.unsqueeze(-1) * inv_sqrt_d.unsqueeze(-2)
-    eye = torch.eye(Wd.shape[-1], dtype=compute_dtype, device=Wd.device)
-    laplacian = eye - normalised
-    laplacian = 0.5 * (laplacian + laplacian.transpose(-1, -2))  # exact symmetry for eigh
-    _, vectors = torch.linalg.eigh(laplacian)  # eigenvalues ascending
-    x = vectors[..., 1] * inv_sqrt_d
-    peak = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True))
-    x = x * torch.where(peak < 0, -1.0, 1.0).to(x.dtype)
+    x = dense_fiedler(batched, compute_dtype=compute_dtype).vector
     return x if W.ndim == 3 else x[0]
 
 
@@ -85,17 +77,20 @@ def hard_ncut(mask_flat: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         )
     Wd = W.to(torch.float64)
     a = mask_flat.to(torch.float64)
+    return ncut_from_products(a, (Wd @ (1.0 - a).unsqueeze(-1)).squeeze(-1), degree(Wd))
+
+
+def ncut_from_products(a: torch.Tensor, w_rest: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """`hard_ncut` from the product ``w_rest = W (1 - a)`` and the degrees ``d`` (all
+    [B, N] float64), for graphs that give products without being built."""
     b = 1.0 - a
-    cut = torch.einsum("bi,bij,bj->b", a, Wd, b)
-    d = degree(Wd)
-    assoc_a = (a * d).sum(-1)
-    assoc_b = (b * d).sum(-1)
-    ncut = cut / assoc_a + cut / assoc_b
+    cut = (a * w_rest).sum(-1)
+    ncut = cut / (a * d).sum(-1) + cut / (b * d).sum(-1)
     empty = (a.sum(-1) == 0) | (b.sum(-1) == 0)
     return torch.where(empty, torch.full_like(ncut, float("nan")), ncut)
 
 
-def _seed_component(side: np.ndarray, seed: int) -> np.ndarray:
+def keep_seed_component(side: np.ndarray, seed: int) -> np.ndarray:
     """The 4-connected component of the ``[h, w]`` bool ``side`` that holds token ``seed``."""
     labels, _ = ndimage.label(side)
     return labels == labels.flat[seed]
@@ -135,7 +130,7 @@ def tokencut_partition(
     if seed_component:
         fg_np = fg.view(-1, h, w).cpu().numpy()
         seeds = seed.tolist()
-        kept = np.stack([_seed_component(m, s) for m, s in zip(fg_np, seeds)])
+        kept = np.stack([keep_seed_component(m, s) for m, s in zip(fg_np, seeds)])
         fg = torch.from_numpy(kept).to(feats.device).view(-1, h * w)
     mask = fg.float()
     return mask.view(-1, h, w), hard_ncut(mask, W)
