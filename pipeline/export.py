@@ -53,6 +53,8 @@ MASK_ALPHA = 0.45
 BOX_RGB = (255, 215, 0)
 OTHER_BOX_RGB = (0, 230, 255)
 PLACEHOLDER_RGB = (185, 185, 185)
+INSTANCE_RGB = [(255, 0, 170), (0, 200, 255), (255, 150, 0), (110, 220, 0), (170, 90, 255), (255, 60, 60),
+                (0, 220, 160), (255, 230, 0)]  # one colour per instance, in turn
 MAX_NAME = 120
 GALLERY_THREADS = 4  # each may hold one decoded full-size image
 
@@ -151,7 +153,7 @@ def _count(summary: ExportSummary, status: str) -> None:
 
 # --- COCO ----------------------------------------------------------------------------
 
-COCO_COLUMNS = ["image_id", "uri", "width", "height", "status", "mask_rle", "mask_area", "box", "score"]
+COCO_COLUMNS = ["image_id", "uri", "width", "height", "status", "mask_rle", "mask_area", "box", "score", "instances"]
 
 
 def coco_bbox(box: list[float]) -> list[float]:
@@ -160,26 +162,37 @@ def coco_bbox(box: list[float]) -> list[float]:
     return [x1, y1, x2 - x1, y2 - y1]
 
 
-def coco_annotation(row: dict[str, Any], annotation_id: int, image_num: int) -> dict[str, Any]:
-    """One COCO instance annotation for an `ok` row, its RLE as stored."""
-    rle = row["mask_rle"]
+def coco_annotation(rle: dict[str, Any], area: int, box: list[float], score: float | None,
+                    annotation_id: int, image_num: int) -> dict[str, Any]:
+    """One COCO annotation (category "object"), its RLE as stored."""
     return {
         "id": annotation_id,
         "image_id": image_num,
         "category_id": COCO_CATEGORY["id"],
         "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"]},
-        "area": int(row["mask_area"]),
-        "bbox": coco_bbox(row["box"]),
-        "score": _finite_or_none(row["score"]),
+        "area": int(area),
+        "bbox": coco_bbox(box),
+        "score": _finite_or_none(score),
         "iscrowd": 0,
     }
+
+
+def row_objects(row: dict[str, Any]) -> list[tuple[dict, int, list[float], float | None]]:
+    """(RLE, area, box, score) of each object of a row: its instances when the run
+    labelled them (`--instances`), else its one mask when it is `ok`."""
+    if row.get("instances") is not None:
+        return [(i["mask_rle"], i["area"], i["box"], i["score"]) for i in row["instances"]]
+    if row["status"] == STATUS_OK:
+        return [(row["mask_rle"], row["mask_area"], row["box"], row["score"])]
+    return []
 
 
 def export_coco(out_uri: str | OutDir, path: str | Path, where: str | None = None) -> ExportSummary:
     """Write a COCO instances file for the rows matching `where`.
 
     Images: every `ok` and `empty` row (`empty` ones are images without objects);
-    `error` rows have no size or mask and are skipped. Annotations: one per `ok` row.
+    `error` rows have no size or mask and are skipped. Annotations: one per instance
+    when the run labelled instances, else one per `ok` row (`row_objects`).
     Images go to the file as they come and annotations to a temporary file that is
     appended at the end, so one pass over the table suffices.
     """
@@ -222,9 +235,9 @@ def _add_coco_row(row: dict[str, Any], summary: ExportSummary, out: IO[str], ann
         "sempart_image_id": row["image_id"],
     }
     out.write(("," if summary.written > 1 else "") + "\n" + json.dumps(image, ensure_ascii=False))
-    if status == STATUS_OK:
+    for obj in row_objects(row):
         summary.annotations += 1
-        annotation = coco_annotation(row, summary.annotations, summary.written)
+        annotation = coco_annotation(*obj, summary.annotations, summary.written)
         anns.write(("," if summary.annotations > 1 else "") + "\n" + json.dumps(annotation))
 
 
@@ -234,11 +247,13 @@ def _finite_or_none(value: float | None) -> float | None:
 
 # --- PNG masks -----------------------------------------------------------------------
 
-MASK_COLUMNS = ["image_id", "status", "mask_rle"]
+MASK_COLUMNS = ["image_id", "status", "mask_rle", "instances"]
 
 
 def export_masks(out_uri: str | OutDir, folder: str | Path, where: str | None = None) -> ExportSummary:
-    """One `<safe image_id>.png` (8-bit, object = 255) per row that has a mask.
+    """One `<safe image_id>.png` per row that has a mask: 8-bit, object = 255; or, when
+    the run labelled instances, the instance ids (0 background, k for the k-th instance,
+    largest first; 16-bit past 255 instances).
 
     `empty` rows give an all-zero PNG (a valid "no object" label); `error` rows none.
     """
@@ -254,8 +269,10 @@ def export_masks(out_uri: str | OutDir, folder: str | Path, where: str | None = 
             if row["status"] == STATUS_ERROR or row["mask_rle"] is None:
                 summary.skipped += 1
                 continue
-            mask = rle_to_mask(row["mask_rle"])
-            image = Image.fromarray(mask.astype(np.uint8) * 255)
+            if row["instances"] is not None:
+                image = Image.fromarray(instance_ids(rle_to_mask(row["mask_rle"]).shape, row["instances"]))
+            else:
+                image = Image.fromarray(rle_to_mask(row["mask_rle"]).astype(np.uint8) * 255)
             _save_image(image, folder / f"{names(row['image_id'])}.png", "PNG")
             summary.written += 1
     summary.seconds = time.perf_counter() - start
@@ -263,9 +280,18 @@ def export_masks(out_uri: str | OutDir, folder: str | Path, where: str | None = 
     return summary
 
 
+def instance_ids(shape: tuple[int, int], instances: list[dict[str, Any]]) -> np.ndarray:
+    """An image of instance ids: 0 background, k where the k-th instance is."""
+    ids = np.zeros(shape, np.uint8 if len(instances) < 256 else np.uint16)
+    for k, inst in enumerate(instances, start=1):
+        ids[rle_to_mask(inst["mask_rle"])] = k
+    return ids
+
+
 # --- HTML gallery --------------------------------------------------------------------
 
-GALLERY_COLUMNS = ["image_id", "uri", "width", "height", "status", "error", "mask_rle", "box", "boxes", "score"]
+GALLERY_COLUMNS = ["image_id", "uri", "width", "height", "status", "error", "mask_rle", "box", "boxes", "score",
+                   "instances"]
 
 
 def load_rgb(uri: str, reader: ImageReader | None = None) -> np.ndarray | None:
@@ -285,9 +311,12 @@ def render_thumbnail(
     boxes: list[list[float]] | None,
     size: int = THUMB_SIZE,
     fallback_hw: tuple[int, int] = (192, 256),
+    instances: list[tuple[np.ndarray, list[float]]] | None = None,
 ) -> Image.Image:
     """The image (or a grey placeholder) scaled so its longest side is `size`, with the
-    mask blended in colour and outlined, and the boxes drawn (main box thick, other components thin).
+    mask blended in colour and outlined, and the boxes drawn (main box thick, other
+    components thin); with `instances` (mask, box) each instance instead, filled,
+    outlined and boxed in its own colour.
 
     Boxes are in the mask's pixels (xyxy, exclusive end), so they are scaled by the
     thumbnail/mask ratio; a mask of another size than the image is stretched to it.
@@ -299,15 +328,20 @@ def render_thumbnail(
         thumb = Image.fromarray(rgb).resize((tw, th), Image.Resampling.BILINEAR)
     else:
         thumb = Image.new("RGB", (tw, th), PLACEHOLDER_RGB)
-    draw_mask = mask is not None and mask.size > 0
-    if draw_mask:
-        fg = Image.fromarray(mask.astype(np.uint8) * 255).resize((tw, th), Image.Resampling.NEAREST)
-        colour = Image.new("RGB", (tw, th), MASK_RGB)
-        thumb = Image.composite(colour, thumb, fg.point(lambda v: round(v * MASK_ALPHA)))
-        # A solid outline keeps the mask visible over objects of a similar colour.
-        thumb.paste(colour, mask=ImageChops.subtract(fg, fg.filter(ImageFilter.MinFilter(3))))
+    if instances is not None:
+        shapes = [(m, [b], INSTANCE_RGB[k % len(INSTANCE_RGB)], 2) for k, (m, b) in enumerate(instances)]
+    elif mask is not None and mask.size > 0:
+        shapes = [(mask, [], MASK_RGB, 1)]
+    else:
+        shapes = []
+    for shape_mask, _, colour, _ in shapes:
+        thumb = _paint(thumb, shape_mask, colour)
     draw = ImageDraw.Draw(thumb)
-    if draw_mask:
+    for shape_mask, shape_boxes, colour, width_px in shapes:
+        sx, sy = tw / shape_mask.shape[1], th / shape_mask.shape[0]
+        for b in shape_boxes:
+            _draw_box(draw, b, sx, sy, colour, width_px)
+    if instances is None and shapes:
         sx, sy = tw / mask.shape[1], th / mask.shape[0]
         for other in boxes or []:
             _draw_box(draw, other, sx, sy, OTHER_BOX_RGB, 1)
@@ -315,6 +349,16 @@ def render_thumbnail(
             _draw_box(draw, box, sx, sy, BOX_RGB, 2)
     if rgb is None:
         draw.text((6, 6), "image unavailable", fill=(60, 60, 60))
+    return thumb
+
+
+def _paint(thumb: Image.Image, mask: np.ndarray, colour: tuple) -> Image.Image:
+    """`mask` blended over `thumb` in `colour`, with a solid outline (which keeps it
+    visible over objects of a similar colour)."""
+    fg = Image.fromarray(mask.astype(np.uint8) * 255).resize(thumb.size, Image.Resampling.NEAREST)
+    fill = Image.new("RGB", thumb.size, colour)
+    thumb = Image.composite(fill, thumb, fg.point(lambda v: round(v * MASK_ALPHA)))
+    thumb.paste(fill, mask=ImageChops.subtract(fg, fg.filter(ImageFilter.MinFilter(3))))
     return thumb
 
 
@@ -331,7 +375,8 @@ def _gallery_card(
     rgb = load_rgb(row["uri"], reader)
     mask = rle_to_mask(row["mask_rle"]) if row["mask_rle"] is not None and row["status"] != STATUS_ERROR else None
     fallback = (row["height"], row["width"]) if row["height"] and row["width"] else (192, 256)
-    thumb = render_thumbnail(rgb, mask, row["box"], row["boxes"], size, fallback)
+    instances = None if row["instances"] is None else [(rle_to_mask(i["mask_rle"]), i["box"]) for i in row["instances"]]
+    thumb = render_thumbnail(rgb, mask, row["box"], row["boxes"], size, fallback, instances)
     _save_image(thumb, thumbs / f"{name}.jpg", "JPEG", quality=85)
     return _card_html(row, f"thumbs/{quote(name)}.jpg", thumb.size, order), rgb is None
 

@@ -56,11 +56,21 @@ from pipeline import manifest as manifests
 from pipeline import sources, storage
 from pipeline.cluster import ResourcePlan, cluster_plan, init_ray
 from pipeline.outdir import ATTEMPTS_KEY, PART_PATTERN, LabelRun, OutDir, RetryRecord, status_counts, sum_counts
-from pipeline.schema import LABELS_SCHEMA, STATUS_ERROR, STATUSES, image_id_for
-from pipeline.labeler import DECODED_SCHEMA, INFERRED_SCHEMA, ROWS_SCHEMA, Labeler, finish_rows, one_line
+from pipeline.schema import LABELS_SCHEMA, STATUS_ERROR, STATUSES, conform, image_id_for
+from pipeline.labeler import (
+    DECODED_SCHEMA,
+    INFERRED_SCHEMA,
+    ROWS_SCHEMA,
+    Labeler,
+    finish_rows,
+    host_image,
+    instance_config,
+    needs_image,
+    one_line,
+)
 from pipeline.storage import redact, s3_env
 from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
-from sempart_core.config import PostConfig
+from sempart_core.config import INSTANCE_MODES, InstanceConfig, PostConfig
 from sempart_core.images import decode_image, prepare_image
 
 if TYPE_CHECKING:
@@ -116,6 +126,8 @@ class LabelOptions:
     id_column: str | None = None  # Parquet input: the column of image ids (default: sha1 of uri)
     decode: str | None = None  # "gpu": decode JPEGs in the inference actor; default: gpu with --gpu, else cpu
     stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # fail when no row reaches the writer for this long
+    instances: int | None = None  # objects per image in `instances` (default 0: none); fixed per run
+    instances_from: str | None = None  # "maskcut" (default) or "sempart" (the model's mask first); fixed per run
 
     def public(self) -> dict:
         """The options with URIs redacted, for logs and _runs/*.json."""
@@ -239,9 +251,10 @@ class Infer(Labeler):
             message = f"inference failed: {one_line(exc)}"
             failed = batch.drop_columns(["pixels", "error"]).append_column(
                 "error", pa.array([e or message for e in batch.column("error").to_pylist()], pa.string()))
-            failed = failed.append_column("prob", pa.nulls(batch.num_rows, pa.large_binary()))
-            return failed.append_column("ncut", pa.nulls(batch.num_rows, pa.float64())).select(
-                INFERRED_SCHEMA.names).cast(INFERRED_SCHEMA)
+            for field in INFERRED_SCHEMA:
+                if field.name not in failed.column_names:
+                    failed = failed.append_column(field, pa.nulls(batch.num_rows, field.type))
+            return failed.select(INFERRED_SCHEMA.names)
 
     def infer_decoded(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -262,27 +275,34 @@ class Infer(Labeler):
             if errors[i] is None and images[i] is None:
                 images[i] = np.frombuffer(pixels[i], np.uint8).reshape(in_h[i], in_w[i], 3)
         raws = self.infer(images, errors, [(width[i], height[i]) for i in range(n)])
+        keep_image = needs_image(self.predictor.instances)
+        columns = {name: pa.array(values, pa.int32()) for name, values in sizes.items()} | {
+            "error": pa.array(errors, pa.string()),
+            "prob": pa.array([r.prob.astype(np.float32).tobytes() if r else None for r in raws], pa.large_binary()),
+            "ncut": pa.array([r.ncut if r else None for r in raws], pa.float64()),
+            "instances": pa.array([r.instances.pack() if r and r.instances else None for r in raws],
+                                  INFERRED_SCHEMA.field("instances").type),
+            "image": pa.array([host_image(images[i]).tobytes() if keep_image and raws[i] else None for i in range(n)],
+                              pa.large_binary()),
+        }
         table = batch.drop_columns(["pixels", "error", *sizes])
-        for name, values in sizes.items():
-            table = table.append_column(name, pa.array(values, pa.int32()))
-        table = table.append_column("error", pa.array(errors, pa.string()))
-        table = table.append_column("prob", pa.array(
-            [raw.prob.astype(np.float32).tobytes() if raw is not None else None for raw in raws], pa.large_binary()))
-        table = table.append_column("ncut", pa.array([raw.ncut if raw is not None else None for raw in raws],
-                                                     pa.float64()))
+        for name, values in columns.items():
+            table = table.append_column(name, values)
         return table.select(INFERRED_SCHEMA.names).cast(INFERRED_SCHEMA)
 
 
-def finish_batch(batch: pa.Table, post: PostConfig, model_id: str, run_id: str, nice: int = 0) -> pa.Table:
-    """Probability maps -> table rows: mask at the original size, RLE, boxes, score. A
-    failure of the whole batch makes its images error rows (the run goes on)."""
+def finish_batch(batch: pa.Table, post: PostConfig, model_id: str, run_id: str, nice: int = 0,
+                 instances: InstanceConfig | None = None) -> pa.Table:
+    """Probability maps -> table rows: mask at the original size, RLE, boxes, score,
+    instances (`finish_rows`). A failure of the whole batch makes its images error rows
+    (the run goes on)."""
     lower_priority(nice)
     try:
-        return finish_rows(batch, post, model_id, run_id)
+        return finish_rows(batch, post, model_id, run_id, instances)
     except Exception as exc:  # noqa: BLE001
         return finish_rows(batch.drop_columns(["error"]).append_column(
             "error", pa.array([e or f"postprocess failed: {one_line(exc)}" for e in batch.column("error").to_pylist()],
-                              pa.string())), post, model_id, run_id)
+                              pa.string())), post, model_id, run_id, instances)
 
 
 class ChunkWriter:
@@ -407,7 +427,7 @@ def merge_retried(old: pa.Table, relabelled: pa.Table, name: str) -> tuple[pa.Ta
         raise RuntimeError(f"{name} changed while its errors were labelled again: run --retry-errors again")
     index = np.arange(old.num_rows)
     index[positions] = old.num_rows + np.arange(len(positions))
-    both = pa.concat_tables([t.cast(LABELS_SCHEMA).replace_schema_metadata(None) for t in (old, relabelled)])
+    both = pa.concat_tables([conform(t).replace_schema_metadata(None) for t in (old, relabelled)])
     attempts = json.loads((old.schema.metadata or {}).get(ATTEMPTS_KEY, b"{}"))
     for image_id in relabelled.column("image_id").to_pylist():
         attempts[image_id] = attempts.get(image_id, 1) + 1
@@ -434,7 +454,8 @@ def _new_run(opts: LabelOptions, out: OutDir, model_id: str) -> LabelRun:
         raise LabelUsageError("--rows-per-file and --limit do not apply to .tar shards (one file per shard): drop them")
     run = LabelRun(run_id=run_id, model_id=model_id, input_kind=src.kind, image_column=src.image_column,
                    manifest=None, manifest_rows=0, rows=0, limit=opts.limit, config=opts.public(), started_at=_now(),
-                   rows_per_file=1 if src.kind == sources.SHARDS else opts.rows_per_file or DEFAULT_ROWS_PER_FILE)
+                   rows_per_file=1 if src.kind == sources.SHARDS else opts.rows_per_file or DEFAULT_ROWS_PER_FILE,
+                   instances=opts.instances or 0, instances_from=opts.instances_from or INSTANCE_MODES[0])
     if src.kind != sources.MANIFEST:
         run.manifest = OutDir.manifest_name(run_id)
         rows, schema = src.manifest_rows(opts.id_column)
@@ -454,7 +475,7 @@ def _check_resume(run: LabelRun, opts: LabelOptions, out: OutDir, model_id: str)
         raise LabelUsageError(
             f"{out.name} was labelled with model {run.model_id[:12]}, not {model_id[:12]}: use a new OUT"
         )
-    for key in ("rows_per_file", "limit"):
+    for key in ("rows_per_file", "limit", "instances", "instances_from"):
         given, recorded = getattr(opts, key), getattr(run, key)
         if given is not None and given != recorded:
             raise LabelUsageError(f"--{key.replace('_', '-')} {given} differs from the run's {recorded}: drop it")
@@ -558,12 +579,14 @@ def build_dataset(job: Job, pending: list[int], retry: bool = False) -> ray.data
         Infer, batch_size=opts.batch_size, batch_format="pyarrow", compute=pool, **infer_resources,
         fn_constructor_kwargs={"model": opts.model, "model_id": art.model_id, "device": "cuda" if gpu else "cpu",
                                "batch_size": opts.batch_size, "threads": plan.threads,
-                               "max_batch_tokens": opts.max_batch_tokens, "decode": decode},
+                               "max_batch_tokens": opts.max_batch_tokens, "decode": decode,
+                               "instances": run.instances, "instances_from": run.instances_from},
         **({"runtime_env": {"env_vars": infer_env}} if infer_env else {}),
     )
     ds = ds.map_batches(
         finish_batch, batch_size=16, batch_format="pyarrow",
-        fn_kwargs={"post": cfg.post, "model_id": art.model_id, "run_id": run_id, "nice": nice},
+        fn_kwargs={"post": cfg.post, "model_id": art.model_id, "run_id": run_id, "nice": nice,
+                   "instances": instance_config(run.instances, run.instances_from)},
         num_cpus=plan.stage_cpus, **remote,
     )
     return ds.map_batches(
@@ -680,6 +703,8 @@ def run_label(opts: LabelOptions) -> LabelSummary:
         raise LabelUsageError(f"--max-batch-tokens must be >= 1, got {opts.max_batch_tokens}")
     if opts.decode not in (None, "gpu", "cpu"):
         raise LabelUsageError(f"--decode takes gpu or cpu, not {opts.decode!r}")
+    if (opts.instances or 0) < 0 or opts.instances_from not in (None, *INSTANCE_MODES):
+        raise LabelUsageError(f"--instances takes N >= 0 and --instances-from {' or '.join(INSTANCE_MODES)}")
     if opts.retry_errors and not opts.resume:
         raise LabelUsageError("--retry-errors relabels the error rows of the run in OUT: add --resume")
     art = read_artifact_info(opts.model)  # sempart.json only: the driver needs no torch

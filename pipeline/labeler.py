@@ -33,9 +33,9 @@ import pyarrow as pa
 from pipeline.schema import LABELS_SCHEMA, STATUS_ERROR, image_id_for
 from pipeline.storage import read_object, redact
 from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
-from sempart_core.config import PostConfig
+from sempart_core.config import InstanceConfig, PostConfig
 from sempart_core.images import decode_image, prepare_image
-from sempart_core.postprocess import Prediction, RawPrediction, finish_raw
+from sempart_core.postprocess import Prediction, RawInstances, RawPrediction, finish_raw
 
 IMAGE_COLUMN = "image"  # the default column of encoded bytes
 LOCATION_COLUMNS = ("path", "uri")  # read when there is no image column
@@ -58,9 +58,18 @@ DECODED_SCHEMA = pa.schema(
         ("pixels", pa.large_binary()),  # prepared uint8 [in_h, in_w, 3], or the encoded image when in_h is null
     ]
 )
-INFERRED_SCHEMA = DECODED_SCHEMA.remove(DECODED_SCHEMA.get_field_index("pixels")).append(
-    pa.field("prob", pa.large_binary())  # float32 [in_h, in_w]
-).append(pa.field("ncut", pa.float64()))
+RAW_INSTANCES_TYPE = pa.struct([  # postprocess.RawInstances.pack(): patch masks as bits, per-instance floats
+    ("shape", pa.list_(pa.int32())), ("bits", pa.binary()), ("ncut", pa.list_(pa.float32())),
+    ("score", pa.list_(pa.float32())), ("first_is_model", pa.bool_()),
+])
+INFERRED_SCHEMA = pa.schema(
+    [f for f in DECODED_SCHEMA if f.name != "pixels"] + [
+        pa.field("prob", pa.large_binary()),  # float32 [in_h, in_w]
+        pa.field("ncut", pa.float64()),
+        pa.field("instances", RAW_INSTANCES_TYPE),  # with --instances; null otherwise
+        pa.field("image", pa.large_binary()),  # the prepared image, for instances refined on it (bilateral)
+    ]
+)
 ROWS_SCHEMA = pa.schema(list(DECODED_SCHEMA)[:4] + list(LABELS_SCHEMA), metadata=LABELS_SCHEMA.metadata)
 
 
@@ -69,15 +78,32 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
 
 
-def prediction_columns(pred: Prediction) -> dict[str, Any]:
-    """The output table's columns that a prediction fills."""
-    return {"status": pred.status, "mask_rle": pred.rle(), "mask_area": pred.mask_area, "box": pred.box,
-            "boxes": pred.boxes, "score": pred.score, "ncut": pred.ncut}
+def prediction_columns(pred: Prediction, instances: bool = False) -> dict[str, Any]:
+    """The output table's columns that a prediction fills (`instances` only when asked
+    for: null otherwise)."""
+    columns = {"status": pred.status, "mask_rle": pred.rle(), "mask_area": pred.mask_area, "box": pred.box,
+               "boxes": pred.boxes, "score": pred.score, "ncut": pred.ncut}
+    if instances:
+        columns["instances"] = [{"mask_rle": i.rle(), "box": i.box, "area": i.area, "score": i.score, "ncut": i.ncut}
+                                for i in pred.instances]
+    return columns
 
 
-def finish_rows(batch: pa.Table, post: PostConfig, model_id: str, run_id: str) -> pa.Table:
+def instance_config(count: int, mode: str) -> InstanceConfig | None:
+    """`--instances N --instances-from MODE` as the predictor takes them (None for 0)."""
+    return InstanceConfig(max_instances=count, mode=mode) if count else None
+
+
+def needs_image(instances: InstanceConfig | None) -> bool:
+    """Whether finishing the instances needs the image (the bilateral solver)."""
+    return instances is not None and instances.refine == "bilateral"
+
+
+def finish_rows(batch: pa.Table, post: PostConfig, model_id: str, run_id: str,
+                instances: InstanceConfig | None = None) -> pa.Table:
     """INFERRED rows -> ROWS: each map resized to its image, thresholded, boxed, scored
-    and RLE-encoded (on the CPU, no torch); an image that fails to finish is an error row."""
+    and RLE-encoded, instances refined (on the CPU, no torch); an image that fails to
+    finish is an error row."""
     now = datetime.now(timezone.utc)
     out = []
     for r in batch.to_pylist():
@@ -85,8 +111,12 @@ def finish_rows(batch: pa.Table, post: PostConfig, model_id: str, run_id: str) -
         rec.update(model_id=model_id, run_id=run_id, labeled_at=now, error=r["error"])
         if r["error"] is None:
             try:
-                prob = np.frombuffer(r["prob"], np.float32).reshape(r["in_h"], r["in_w"]).copy()
-                rec.update(prediction_columns(finish_raw(RawPrediction(prob, r["ncut"]), r["height"], r["width"], post)))
+                shape = (r["in_h"], r["in_w"])
+                raw = RawPrediction(np.frombuffer(r["prob"], np.float32).reshape(shape).copy(), r["ncut"],
+                                    instances=RawInstances.unpack(r["instances"]) if r["instances"] else None)
+                image = np.frombuffer(r["image"], np.uint8).reshape(*shape, 3) if r["image"] else None
+                pred = finish_raw(raw, r["height"], r["width"], post, instances, image)
+                rec.update(prediction_columns(pred, instances is not None))
             except Exception as exc:  # noqa: BLE001
                 rec["error"] = f"postprocess failed: {one_line(exc)}"
         if rec["error"] is not None:
@@ -103,14 +133,17 @@ class Labeler:
     one). batch_size / max_batch_tokens: images and backbone tokens per model call.
     decode: "gpu" decodes JPEGs on the device, "cpu" with PIL (default: gpu on cuda).
     image_column: the column of encoded bytes (default `image`; without it, `path` or
-    `uri` is read). run_id: written to each row's `run_id`. model_id: refuse a model
-    whose id differs (a run must keep the model it started with). threads: torch
-    threads (the CPUs this actor reserves)."""
+    `uri` is read). instances / instances_from: up to N objects per image in the
+    `instances` column (MaskCut, "maskcut", or after the model's own mask, "sempart").
+    run_id: written to each row's `run_id`. model_id: refuse a model whose id differs
+    (a run must keep the model it started with). threads: torch threads (the CPUs this
+    actor reserves)."""
 
     def __init__(
         self, model: str, device: str | None = None, batch_size: int = 8,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, decode: str | None = None, image_column: str | None = None,
-        run_id: str = "", model_id: str | None = None, threads: int | None = None,
+        instances: int = 0, instances_from: str = "maskcut", run_id: str = "", model_id: str | None = None,
+        threads: int | None = None,
     ):
         import torch
 
@@ -123,7 +156,8 @@ class Labeler:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if decode not in (None, "gpu", "cpu"):
             raise ValueError(f"decode takes gpu or cpu, not {decode!r}")
-        self.predictor = load_predictor(model, device=device, batch_size=batch_size)
+        self.predictor = load_predictor(model, device=device, batch_size=batch_size,
+                                        instances=instance_config(instances, instances_from))
         if model_id is not None and self.predictor.model_id != model_id:  # rows must carry the model that made them
             raise ArtifactError(f"model {redact(model)} changed since the run started: use a new OUT")
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
@@ -182,8 +216,10 @@ class Labeler:
                 rec.update(width=prepared[i].width, height=prepared[i].height)
             if rec["error"] is None:
                 try:
-                    pred = finish_raw(raws[i], prepared[i].height, prepared[i].width, post)
-                    rec.update(prediction_columns(pred))
+                    image = host_image(prepared[i].pixels) if needs_image(self.predictor.instances) else None
+                    pred = finish_raw(raws[i], prepared[i].height, prepared[i].width, post, self.predictor.instances,
+                                      image)
+                    rec.update(prediction_columns(pred, self.predictor.instances is not None))
                 except Exception as exc:  # noqa: BLE001
                     rec["error"] = f"postprocess failed: {one_line(exc)}"
             if rec["error"] is not None:
@@ -244,6 +280,11 @@ class Labeler:
             else:  # ImageOutOfMemory, or the failure's message
                 errors[i] = str(result)
         return raws
+
+
+def host_image(pixels: Any) -> np.ndarray:
+    """A prepared image as a numpy array, from the device if it is there."""
+    return pixels if isinstance(pixels, np.ndarray) else pixels.cpu().numpy()
 
 
 def _content_id(data: bytes | Exception | None) -> str:

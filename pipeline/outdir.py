@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.schema import LABELS_SCHEMA, SCHEMA_VERSION, STATUSES
+from pipeline.schema import LABELS_SCHEMA, SCHEMA_VERSION, STATUSES, conform
 from pipeline.storage import atomic_local_file, pyarrow_filesystem, redact
 
 PART_PATTERN = "part-*.parquet"
@@ -78,6 +78,8 @@ class LabelRun:
     input_kind: str = "manifest"
     image_column: str | None = None  # Parquet-with-bytes input: the column of image bytes
     limit: int | None = None
+    instances: int = 0  # --instances: objects per image in the `instances` column
+    instances_from: str = "maskcut"  # --instances-from
     schema_version: int = SCHEMA_VERSION  # of the output table
     status: str = "running"  # running | finished
     config: dict = field(default_factory=dict)  # LabelOptions.public() of the first invocation
@@ -197,7 +199,7 @@ class OutDir:
         meta = {**LABELS_SCHEMA.metadata, COUNTS_KEY: json.dumps(counts).encode()}
         if attempts:
             meta[ATTEMPTS_KEY] = json.dumps(attempts).encode()
-        table = table.cast(LABELS_SCHEMA).replace_schema_metadata(meta)
+        table = conform(table).replace_schema_metadata(meta)
         if self.is_local:
             with atomic_local_file(self.path(name), tmp_dir=self.path("_tmp")) as f:
                 pq.write_table(table, f, compression="zstd")

@@ -190,7 +190,9 @@ def refine_instance(
 
     ``nearest`` repeats each patch; ``bilinear`` thresholds the bilinear resize at 0.5;
     ``bilateral`` snaps that to ``rgb``'s edges with the bilateral solver (as the
-    ``tokencut-bs`` method does). Then holes are filled (``config.fill_holes``), and a
+    ``tokencut-bs`` method does), at ``rgb``'s own size (the image, or the model's input
+    as the labelling pipeline passes it: the solver's cost grows with the pixels), then
+    resizes the result to ``size``. Then holes are filled (``config.fill_holes``), and a
     result whose IoU with the nearest resize is below ``config.refine_min_iou`` is
     dropped (None), as MaskCut drops masks its CRF changed too much.
     """
@@ -199,12 +201,13 @@ def refine_instance(
     nearest = np.asarray(Image.fromarray(patch).resize((width, height), Image.Resampling.NEAREST), dtype=bool)
     if config.refine == "nearest":
         mask = nearest
-    else:
+    elif config.refine == "bilinear":
         mask = resize_prob(patch.astype(np.float32), size) > 0.5
-        if config.refine == "bilateral":
-            if rgb is None or rgb.shape[:2] != (height, width):
-                raise ValueError("bilateral refinement needs the image: pass rgb at (height, width)")
-            mask = refine_mask(rgb, mask, bilateral) > 0.5
+    else:
+        if rgb is None:
+            raise ValueError("bilateral refinement needs the image: pass rgb")
+        work = resize_prob(patch.astype(np.float32), rgb.shape[:2]) > 0.5
+        mask = resize_prob(refine_mask(rgb, work, bilateral), size) > 0.5
     if config.fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     union = np.count_nonzero(mask | nearest)

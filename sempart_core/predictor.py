@@ -116,18 +116,24 @@ class Predictor:
             for p, n, c, f, i in zip(fine, ncut, coarse, flipped.tolist(), instances)
         ]
 
-    def finish(self, raw: RawPrediction, height: int, width: int, rgb: np.ndarray | None = None) -> Prediction:
+    def finish(
+        self, raw: RawPrediction, height: int, width: int, rgb: np.ndarray | None = None,
+        prepared: np.ndarray | None = None,
+    ) -> Prediction:
         """Resize the map to the original image size and post-process it (instances too).
 
-        ``tokencut-bs``, and instances refined with the bilateral solver, need the
-        original image ``rgb`` [height, width, 3]: the solver snaps masks to its edges.
+        ``tokencut-bs`` needs the original image ``rgb`` [height, width, 3]: the solver
+        snaps TokenCut's mask to its edges, as published. Instances refined with the
+        bilateral solver need the image too: the model's input ``prepared`` (its size
+        bounds the solver's cost; the labelling pipeline refines on it as well), else ``rgb``.
         """
         if self.method == "tokencut-bs":
             if rgb is None or rgb.shape[:2] != (height, width):
                 raise ValueError("method 'tokencut-bs' refines each mask on its image: pass rgb at (height, width)")
             mask = resize_prob(raw.prob, (height, width)) > self.config.post.threshold
             raw = replace(raw, prob=refine_mask(rgb, mask, self.bilateral))
-        return finish_raw(raw, height, width, self.config.post, self.instances, rgb, self.bilateral)
+        image = prepared if prepared is not None else rgb
+        return finish_raw(raw, height, width, self.config.post, self.instances, image, self.bilateral)
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
         """Predictions for RGB uint8 images of any sizes, each at its own size.
@@ -140,10 +146,10 @@ class Predictor:
         raws = infer_in_batches(self.infer, prepared, self.patch, self.batch_size, self.max_batch_tokens,
                                 sizes=[im.shape[1::-1] for im in images], copier=DeviceCopier(self.device))
         results = []
-        for image, raw in zip(images, raws):
+        for image, ready, raw in zip(images, prepared, raws):
             if isinstance(raw, ImageOutOfMemory):
                 raise raw
-            results.append(self.finish(raw, *image.shape[:2], rgb=image))
+            results.append(self.finish(raw, *image.shape[:2], rgb=image, prepared=ready))
         return results
 
 

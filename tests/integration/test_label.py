@@ -127,7 +127,7 @@ def test_schema_and_readers(labelled) -> None:
     for part in parts:
         schema = pq.read_schema(part)
         assert schema.remove_metadata().equals(LABELS_SCHEMA.remove_metadata())
-        assert schema.metadata[b"sempart_schema_version"] == b"1"
+        assert schema.metadata[b"sempart_schema_version"] == b"2"
         meta = pq.read_metadata(part)
         assert meta.num_rows <= 4
         assert meta.row_group(0).column(0).compression == "ZSTD"

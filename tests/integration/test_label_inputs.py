@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from instance_rows import check_instances
 from PIL import Image
 from cli_args import ONE_ACTOR
 from typer.testing import CliRunner
@@ -163,6 +164,8 @@ def check_table(rows: list[dict], expect: dict[str, dict], model: str, out: str)
         union = np.logical_or(mask, pred.mask).sum()
         assert (np.logical_and(mask, pred.mask).sum() / union if union else 1.0) >= 0.999
         assert row["status"] == pred.status
+        if row["instances"] is not None:
+            check_instances(row, 2)
 
 
 def label(model: str, store: Store, *extra: str):
@@ -172,7 +175,7 @@ def label(model: str, store: Store, *extra: str):
 
 def test_webdataset_shards(store: Store, model: str, tmp_path: Path) -> None:
     expect = make_shards(store)
-    result = label(model, store)
+    result = label(model, store, "--instances", "2")
     assert result.exit_code == 1, result.output  # some rows are errors
     assert "labelled 8 images (ok" in result.output and "error 4" in result.output
     rows = store.labels("out")
@@ -193,7 +196,7 @@ def test_webdataset_shards(store: Store, model: str, tmp_path: Path) -> None:
 
 def test_parquet_image_bytes(store: Store, model: str, tmp_path: Path) -> None:
     expect = make_parquet(store)
-    result = label(model, store, "--id-column", "id", "--rows-per-file", "3")
+    result = label(model, store, "--id-column", "id", "--rows-per-file", "3", "--instances", "2")
     assert result.exit_code == 1, result.output
     assert "labelled 7 images" in result.output and "error 2" in result.output
     rows = store.labels("out")

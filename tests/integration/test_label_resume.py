@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from instance_rows import check_instances
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -88,7 +89,7 @@ def store(request, tmp_path: Path):
 
 def label_args(model: str, store) -> list[str]:
     return ["label", "--model", model, "--input", store.uri("in"), "--out", store.uri("out"),
-            "--rows-per-file", str(ROWS_PER_FILE), "--batch-size", "2", "--no-gpu"]
+            "--rows-per-file", str(ROWS_PER_FILE), "--batch-size", "2", "--no-gpu", "--instances", "2"]
 
 
 def label_process(args: list[str], log: Path) -> subprocess.Popen:
@@ -153,6 +154,8 @@ def test_sigkill_then_resume_labels_each_input_once(store, model: str, tmp_path:
     uris = sorted(u for t in tables for u in t.column("uri").to_pylist())
     assert uris == expected  # every input exactly once
     assert len({r for t in tables for r in t.column("run_id").to_pylist()}) == 1  # run kept across resume
+    for row in (r for t in tables for r in t.to_pylist() if r["status"] != "error"):
+        check_instances(row, 2)  # the resume labelled instances too: the run's setting
 
 
 def tar_shard(samples: list[tuple[str, bytes]]) -> bytes:

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from cli_args import ONE_ACTOR
 from test_label_resume import LocalStore, S3Store, kill_session, label_process
+from instance_rows import check_instances
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -87,7 +88,7 @@ def test_retry_errors_relabels_error_rows_in_place(store, model: str, tmp_path: 
     for i in missing:
         remove(store, f"in/img_{i:02d}.png")
 
-    first = label(store, manifest, model)
+    first = label(store, manifest, model, "--instances", "2")
     assert first.exit_code == 1 and "error 3" in first.output, first.output
     parts = store.parts("out")
     assert len(parts) == 4
@@ -110,6 +111,7 @@ def test_retry_errors_relabels_error_rows_in_place(store, model: str, tmp_path: 
             assert by_uri[uri]["status"] == "error" and by_uri[uri]["error"].startswith("NotAnImageError")
         else:
             assert by_uri[uri]["status"] in ("ok", "empty") and by_uri[uri]["error"] is None, by_uri[uri]["error"]
+            check_instances(by_uri[uri], 2)  # relabelled rows get the run's instances too
     assert len({r["run_id"] for r in rows}) == 1
     retried_ids = {by_uri[uris[i]]["image_id"] for i in missing}
     assert {k: v for p in parts for k, v in attempts(store, p).items()} == dict.fromkeys(retried_ids, 2)
