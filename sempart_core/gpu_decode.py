@@ -3,7 +3,7 @@
 On a GPU node, PIL decode on the CPU is what limits labelling (about 390 JPEGs/s per
 core, against thousands per second batched on one GPU). `decode_and_prepare` decodes
 plain JPEGs in one `torchvision.io.decode_jpeg` call on the device, applies their EXIF
-orientation and resizes them there with PIL's own arithmetic (`pil_bilinear`); every
+orientation and resizes them there with PIL's own arithmetic (`pil_resize`); every
 other input (PNG, WebP, CMYK or truncated JPEGs, a failed batch decode, ...) goes
 through the CPU path (`decode_image` + `prepare_image`), so results and error messages
 are the same as today. With device="cpu" the same path runs on torchvision's CPU
@@ -16,14 +16,10 @@ the EOI marker (a truncated file is left to the CPU path, which detects truncati
 """
 from __future__ import annotations
 
-import functools
 import io
 import logging
-import math
 from dataclasses import dataclass
 
-import numpy as np
-import PIL
 import torch
 from PIL import Image
 
@@ -35,6 +31,7 @@ from .images import (
     input_shape,
     prepare_image,
 )
+from .pil_resize import bilinear_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -150,75 +147,8 @@ def orient(chw: torch.Tensor, orientation: int) -> torch.Tensor:
 
 def resize_chw(chw: torch.Tensor, image_size: int, patch: int) -> torch.Tensor:
     """uint8 [3, H, W] -> uint8 [3, h_in, w_in] as `prepare_image` sizes and resizes it
-    (`pil_bilinear`: PIL's own result, so both decode paths feed the model alike)."""
+    (PIL's own arithmetic, `pil_resize`: both decode paths feed the model alike)."""
     h, w = input_shape(chw.shape[-2], chw.shape[-1], image_size, patch)
     if (h, w) == tuple(chw.shape[-2:]):
         return chw
-    return pil_bilinear(chw, h, w)
-
-
-def pil_bilinear(chw: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 [C, H, W] -> uint8 [C, height, width], bit for bit what PIL's
-    ``Image.resize((width, height), BILINEAR)`` gives, on any device.
-
-    Pillow resizes in integers (libImaging/Resample.c): one pass per axis, weights
-    rounded to 22 fractional bits, 32-bit sums, each pass rounded to uint8; a float
-    interpolation (torch's antialiased bilinear) differs from it by one level on about a
-    tenth of the values. Here each pass is Pillow's integer arithmetic in int32 (exact on
-    every device), in the order the installed Pillow takes them (`_vertical_first`).
-    """
-    x = chw
-    passes = [(2, width), (1, height)]
-    if _vertical_first(chw.shape[-2], chw.shape[-1], height, width):
-        passes.reverse()
-    for dim, size in passes:
-        if x.shape[dim] != size:
-            x = _pil_pass(x, dim, size)
-    return x
-
-
-# Pillow's fixed point: 32-bit sums of 8-bit samples times weights with 22 fraction bits.
-_PIL_PRECISION_BITS = 22
-_PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
-
-
-def _vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
-    """Pillow 13 runs the vertical pass first when the height shrinks by more than twice
-    as many pixels as the width (earlier releases always start horizontally)."""
-    return _PILLOW_MAJOR >= 13 and in_h - out_h > 0 and in_h - out_h > 2 * (in_w - out_w)
-
-
-def _pil_pass(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """One of Pillow's passes along `dim` of uint8 samples: each output is
-    (2^21 + sum of sample * weight) >> 22 in int32, clipped to 0..255. The axis is moved
-    to the front so that each tap gathers whole contiguous slices."""
-    first, weights = (torch.from_numpy(a).to(x.device) for a in _pil_weights(x.shape[dim], size))
-    rows = x.movedim(dim, 0).contiguous()
-    out = torch.full((size, *rows.shape[1:]), 1 << (_PIL_PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
-    per_row = (-1,) + (1,) * (rows.ndim - 1)
-    for tap in range(weights.shape[1]):
-        taken = rows.index_select(0, (first + tap).clamp_(max=rows.shape[0] - 1))  # weight 0 past the end
-        out.addcmul_(taken, weights[:, tap].view(per_row))
-    return out.bitwise_right_shift_(_PIL_PRECISION_BITS).clamp_(0, 255).to(torch.uint8).movedim(0, dim)
-
-
-@functools.lru_cache(maxsize=256)
-def _pil_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pillow's bilinear weights from `n_in` to `n_out` samples (precompute_coeffs and
-    normalize_coeffs_8bpc, in the same double arithmetic): the first input of each output
-    [n_out] and the fixed-point weights of the inputs from there [n_out, taps]. The
-    triangle filter widens by the scale when shrinking (antialiasing)."""
-    scale = n_in / n_out
-    support = max(scale, 1.0)  # the triangle's support (1), widened when shrinking
-    taps = math.ceil(support) * 2 + 1
-    center = (np.arange(n_out) + 0.5) * scale
-    first = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C's (int) truncates toward 0
-    count = np.minimum((center + support + 0.5).astype(np.int64), n_in) - first
-    offset = np.arange(taps)
-    distance = np.abs(((first[:, None] + offset) - center[:, None] + 0.5) * (1.0 / support))
-    w = np.where((distance < 1.0) & (offset < count[:, None]), 1.0 - distance, 0.0)
-    total = np.zeros(n_out)
-    for tap in range(taps):  # summed in Pillow's order, so that the normalisation rounds alike
-        total += w[:, tap]
-    w /= np.where(total != 0.0, total, 1.0)[:, None]
-    return first, np.floor(0.5 + w * (1 << _PIL_PRECISION_BITS)).astype(np.int32)
+    return bilinear_uint8(chw, h, w)

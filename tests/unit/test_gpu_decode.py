@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sempart_core.gpu_decode import PreparedImage, decode_and_prepare, pil_bilinear
+from sempart_core.gpu_decode import PreparedImage, decode_and_prepare
 from sempart_core.images import ImageDecodeError, decode_image, prepare_image
 from sempart_core.prefetch import DeviceCopier, prefetch
 
@@ -43,28 +43,6 @@ def test_real_photos_match_the_pil_path_pixel_for_pixel():
         assert got.pixels.dtype == torch.uint8 and tuple(got.pixels.shape) == want.shape
         assert (got.height, got.width) == decode_image(data).shape[:2]
         np.testing.assert_array_equal(got.pixels.numpy(), want)
-
-
-@pytest.mark.parametrize(
-    "size, new_size",
-    [
-        ((300, 400), (96, 128)),  # shrink both ways, horizontal pass first
-        ((400, 300), (128, 96)),  # the height shrinks more than twice the width: Pillow 13 starts vertically
-        ((48, 80), (96, 160)),  # enlarge
-        ((120, 41), (37, 88)),  # shrink one axis, enlarge the other
-        ((97, 203), (97, 64)),  # one axis only
-        ((5, 7), (1, 1)),
-        ((1, 1), (3, 2)),
-    ],
-)
-def test_pil_bilinear_is_pils_resize_bit_for_bit(size, new_size):
-    rng = np.random.default_rng(sum(size) + sum(new_size))
-    noise = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-    smooth = np.asarray(Image.fromarray(noise).resize(size[::-1][:2], Image.Resampling.BICUBIC))
-    for rgb in (noise, smooth, decode_image(PHOTOS[0].read_bytes())[: size[0], : size[1]]):
-        want = np.asarray(Image.fromarray(rgb).resize(new_size[::-1], Image.Resampling.BILINEAR))
-        got = pil_bilinear(torch.from_numpy(rgb).permute(2, 0, 1), *new_size).permute(1, 2, 0).numpy()
-        np.testing.assert_array_equal(got, want)
 
 
 def test_masks_equal_the_pil_path_on_real_photos(tmp_path):
