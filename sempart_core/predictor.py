@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +36,17 @@ from .training import to_model_input
 logger = logging.getLogger(__name__)
 
 METHODS = ("sempart", "tokencut", "tokencut-bs")
+
+
+class DeviceMaps(NamedTuple):
+    """A batch's model outputs on the device: fine foreground maps [B, h_in, w_in] and
+    coarse ones [B, h, w] (float32, after the foreground rule), ncut [B] (float32), and
+    whether the border rule flipped each image [B] (bool)."""
+
+    fine: torch.Tensor
+    coarse: torch.Tensor
+    ncut: torch.Tensor
+    flipped: torch.Tensor
 
 
 class Predictor:
@@ -78,8 +90,9 @@ class Predictor:
         return prepare_image(rgb, self.config.data.image_size, self.patch)
 
     @torch.inference_mode()
-    def infer(self, batch: np.ndarray) -> list[RawPrediction]:
-        """Equal-sized prepared images [B, h_in, w_in, 3] -> foreground maps and ncut."""
+    def infer_maps(self, batch: np.ndarray | torch.Tensor) -> DeviceMaps:
+        """Equal-sized prepared images [B, h_in, w_in, 3] -> `infer`'s results as tensors
+        on the device (to finish there: `device_finish.finish_on_device`)."""
         x = to_model_input(batch, self.backbone.mean, self.backbone.std, self.device)
         grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
         graph = self.config.graph
@@ -95,12 +108,15 @@ class Predictor:
                 coarse, ncut = tokencut_partition(feats, grid, graph.tau, graph.eps, border_rule=False)
                 fine = upsample_patch_mask(coarse, tuple(x.shape[-2:]))
                 flipped = torch.zeros(len(coarse), dtype=torch.bool)
-        fine = fine.float().cpu().numpy()
-        coarse = coarse.float().cpu().numpy()
-        ncut = ncut.float().cpu().numpy()
+        return DeviceMaps(fine.float(), coarse.float(), ncut.float(), flipped)
+
+    def infer(self, batch: np.ndarray | torch.Tensor) -> list[RawPrediction]:
+        """Equal-sized prepared images [B, h_in, w_in, 3] -> foreground maps and ncut."""
+        maps = self.infer_maps(batch)
         return [
             RawPrediction(prob=p, ncut=float(n), coarse=c, border_flipped=bool(f))
-            for p, n, c, f in zip(fine, ncut, coarse, flipped.tolist())
+            for p, n, c, f in zip(maps.fine.cpu().numpy(), maps.ncut.cpu().numpy(), maps.coarse.cpu().numpy(),
+                                  maps.flipped.tolist())
         ]
 
     def finish(self, raw: RawPrediction, height: int, width: int, rgb: np.ndarray | None = None) -> Prediction:
