@@ -3,10 +3,12 @@
 On a GPU node, PIL decode on the CPU is what limits labelling (about 390 JPEGs/s per
 core, against thousands per second batched on one GPU). `decode_and_prepare` decodes
 plain JPEGs in one `torchvision.io.decode_jpeg` call on the device, applies their EXIF
-orientation and resizes them there exactly as `images.prepare_image` does; every other
-input (PNG, WebP, CMYK or truncated JPEGs, a failed batch decode, ...) goes through the
-CPU path (`decode_image` + `prepare_image`), so results and error messages are the
-same as today. With device="cpu" the same path runs on torchvision's CPU decoder.
+orientation and resizes them there with PIL's own arithmetic (`pil_resize`); every
+other input (PNG, WebP, CMYK or truncated JPEGs, a failed batch decode, ...) goes
+through the CPU path (`decode_image` + `prepare_image`), so results and error messages
+are the same as today. With device="cpu" the same path runs on torchvision's CPU
+decoder, libjpeg-turbo as in PIL: the prepared inputs are then PIL's, bit for bit. On a
+GPU, nvJPEG decodes (its IDCT and chroma upsampling are its own).
 
 Which JPEGs take the fast path is decided from the header alone (PIL reads it without
 decoding pixels): format JPEG, mode RGB or L, within the pixel limit, data ending with
@@ -19,7 +21,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .images import (
@@ -30,6 +31,7 @@ from .images import (
     input_shape,
     prepare_image,
 )
+from .pil_resize import bilinear_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +146,9 @@ def orient(chw: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def resize_chw(chw: torch.Tensor, image_size: int, patch: int) -> torch.Tensor:
-    """uint8 [3, H, W] -> uint8 [3, h_in, w_in] as `prepare_image` sizes it, with
-    bilinear interpolation that widens when shrinking (PIL's antialiasing)."""
+    """uint8 [3, H, W] -> uint8 [3, h_in, w_in] as `prepare_image` sizes and resizes it
+    (PIL's own arithmetic, `pil_resize`: both decode paths feed the model alike)."""
     h, w = input_shape(chw.shape[-2], chw.shape[-1], image_size, patch)
     if (h, w) == tuple(chw.shape[-2:]):
         return chw
-    x = chw.unsqueeze(0).float()
-    y = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    return y.round_().clamp_(0, 255).to(torch.uint8)[0]
+    return bilinear_uint8(chw, h, w)

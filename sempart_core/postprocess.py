@@ -4,7 +4,9 @@ Steps (docs/method.md, "From map to label"): resize the model's map to the origi
 threshold it, find connected components and their boxes, score the partition, and
 encode the mask as COCO RLE. (The border rule, which picks the foreground side of the
 cut, runs on the model's output tensors: `foreground`.) No torch here, so that the CPU
-workers of the labelling pipeline stay light.
+workers of the labelling pipeline stay light. `CompactPrediction` is what a label row
+needs of a result, without the full-size maps: `compact` makes it from a `Prediction`,
+`device_finish` makes the same record where the model ran.
 
 Box convention (used by every box in this project): ``[x1, y1, x2, y2]`` in pixels of
 the original image, with ``x2``/``y2`` exclusive. Pixel ``(row r, col c)`` covers the
@@ -28,6 +30,8 @@ from sempart_core.config import InstanceConfig, PostConfig
 
 # 8-connectivity: diagonal neighbours belong to the same component.
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+NON_FINITE_MAP = "probability map has non-finite values (NaN or inf)"
 
 
 @dataclass
@@ -138,6 +142,43 @@ class RawPrediction:
     coarse: np.ndarray | None = None  # float32 [h, w], the patch grid
     border_flipped: bool = False
     instances: RawInstances | None = None
+
+
+@dataclass
+class CompactPrediction:
+    """One image's label without its full-size maps: the mask as run lengths, and the
+    same fields and row values as a `Prediction` (`compact` makes one from it).
+
+    ``runs`` are COCO's uncompressed counts: run lengths of the column-major mask, the
+    first run counting background (0 when the first pixel is foreground); the CPU only
+    compresses them (`rle`).
+    """
+
+    height: int
+    width: int
+    runs: np.ndarray  # uint32, summing to height * width
+    mask_area: int
+    box: list[float] | None
+    boxes: list[list[float]]
+    score: float
+    ncut: float
+
+    @property
+    def status(self) -> str:
+        """``"ok"`` when the mask has foreground, ``"empty"`` otherwise."""
+        return "ok" if self.mask_area > 0 else "empty"
+
+    def rle(self) -> dict[str, Any]:
+        """COCO compressed RLE of the mask, as `Prediction.rle` gives it."""
+        return _rle_json(mask_utils.frPyObjects({"size": [self.height, self.width], "counts": self.runs},
+                                                self.height, self.width))
+
+
+def compact(pred: Prediction) -> CompactPrediction:
+    """A CPU-finished `Prediction` as the record the device path gives."""
+    height, width = pred.mask.shape
+    return CompactPrediction(height, width, mask_runs(pred.mask), pred.mask_area, pred.box, pred.boxes,
+                             pred.score, pred.ncut)
 
 
 def resize_prob(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -267,19 +308,21 @@ def connected_boxes(
     convention.
     """
     labels, count = ndimage.label(np.asarray(mask, dtype=bool), structure=_EIGHT_CONNECTED)
-    if count == 0:
-        return None, []
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    slices = ndimage.find_objects(labels)
-    order = np.argsort(-areas, kind="stable")
+    boxes = [[cols.start, rows.start, cols.stop, rows.stop] for rows, cols in ndimage.find_objects(labels)]
+    return rank_components(areas, np.array(boxes, dtype=np.float64).reshape(-1, 4), min_area)
 
-    def box_of(index: int) -> list[float]:
-        rows, cols = slices[index]
-        return [float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)]
 
-    main_box = box_of(int(order[0]))
-    boxes = [box_of(int(i)) for i in order if areas[i] >= min_area]
-    return main_box, boxes
+def rank_components(
+    areas: np.ndarray, boxes: np.ndarray, min_area: int
+) -> tuple[list[float] | None, list[list[float]]]:
+    """`connected_boxes`' result from the components' areas [n] and boxes [n, 4], given in
+    scan order of their first pixel (scipy's label order): the largest one's box, and the
+    boxes of those reaching ``min_area``, largest first, ties kept in scan order."""
+    if len(areas) == 0:
+        return None, []
+    order = np.argsort(-np.asarray(areas), kind="stable")
+    return boxes[order[0]].tolist(), boxes[order[areas[order] >= min_area]].tolist()
 
 
 def confidence_score(prob: np.ndarray, ncut: float) -> float:
@@ -294,9 +337,14 @@ def confidence_score(prob: np.ndarray, ncut: float) -> float:
       better than random gets quality 0. A non-finite ``ncut`` (an undefined cut, e.g.
       one empty side) also gets 0.
     """
-    ncut = float(ncut)
     p = np.asarray(prob, dtype=np.float32)
-    decisiveness = float(np.abs(2.0 * p - 1.0).mean(dtype=np.float64)) if p.size else 0.0
+    return score_of(float(np.abs(2.0 * p - 1.0).mean(dtype=np.float64)) if p.size else 0.0, ncut)
+
+
+def score_of(decisiveness: float, ncut: float) -> float:
+    """`confidence_score` from the map's decisiveness, mean(|2p - 1|), however computed
+    (`device_finish` sums it on the device)."""
+    ncut = float(ncut)
     decisiveness = min(max(decisiveness, 0.0), 1.0)
     cut_quality = 1.0 - min(max(ncut, 0.0), 1.0) if math.isfinite(ncut) else 0.0
     return math.sqrt(decisiveness * cut_quality)
@@ -305,8 +353,27 @@ def confidence_score(prob: np.ndarray, ncut: float) -> float:
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
     """COCO compressed RLE (column-major), counts as a UTF-8 string for Parquet/JSON."""
     binary = np.asfortranarray(np.asarray(mask, dtype=bool).astype(np.uint8))
-    encoded = mask_utils.encode(binary)
+    return _rle_json(mask_utils.encode(binary))
+
+
+def _rle_json(encoded: dict[str, Any]) -> dict[str, Any]:
+    """pycocotools' RLE with plain ints and str counts, for Parquet/JSON."""
     return {"size": [int(s) for s in encoded["size"]], "counts": encoded["counts"].decode("utf-8")}
+
+
+def mask_runs(mask: np.ndarray) -> np.ndarray:
+    """COCO's uncompressed counts of a mask (see `CompactPrediction.runs`)."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    starts = np.flatnonzero(np.concatenate(([True], flat[1:] != flat[:-1])))
+    return runs_from_starts(starts, flat.size, bool(flat[0]))
+
+
+def runs_from_starts(starts: np.ndarray, size: int, foreground_first: bool) -> np.ndarray:
+    """COCO's uncompressed counts of a column-major mask of `size` pixels from the index
+    where each run starts (the first at 0); a mask whose first pixel is foreground
+    starts with an empty background run."""
+    runs = np.diff(np.append(starts, size))
+    return np.concatenate(([0], runs) if foreground_first else (runs,)).astype(np.uint32)
 
 
 def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
@@ -328,13 +395,10 @@ def postprocess(prob: np.ndarray, ncut: float, config: PostConfig) -> Prediction
     if p.ndim != 2:
         raise ValueError(f"postprocess expects an H x W map, got shape {p.shape}")
     if not np.isfinite(p).all():
-        raise ValueError("probability map has non-finite values (NaN or inf)")
+        raise ValueError(NON_FINITE_MAP)
     height, width = p.shape
     mask = p > config.threshold
-    # The small tolerance keeps float noise (0.001 * 300 * 300 = 90.00000000000001)
-    # from raising the minimum by one pixel.
-    min_area = max(1, math.ceil(config.min_area_frac * height * width - 1e-9))
-    box, boxes = connected_boxes(mask, min_area)
+    box, boxes = connected_boxes(mask, min_component_area(height, width, config))
     return Prediction(
         prob=p,
         mask=mask,
@@ -343,3 +407,10 @@ def postprocess(prob: np.ndarray, ncut: float, config: PostConfig) -> Prediction
         score=confidence_score(p, ncut),
         ncut=float(ncut),
     )
+
+
+def min_component_area(height: int, width: int, config: PostConfig) -> int:
+    """The fewest pixels a component needs for an entry in ``boxes`` (at least 1)."""
+    # The small tolerance keeps float noise (0.001 * 300 * 300 = 90.00000000000001)
+    # from raising the minimum by one pixel.
+    return max(1, math.ceil(config.min_area_frac * height * width - 1e-9))

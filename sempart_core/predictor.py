@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +42,19 @@ from .training import to_model_input
 logger = logging.getLogger(__name__)
 
 METHODS = ("sempart", "tokencut", "tokencut-bs")
+
+
+class DeviceMaps(NamedTuple):
+    """A batch's model outputs on the device: fine foreground maps [B, h_in, w_in] and
+    coarse ones [B, h, w] (float32, after the foreground rule), ncut [B] (float32), and
+    whether the border rule flipped each image [B] (bool); with an `InstanceConfig`, each
+    image's patch-level instances (on the host: they are small)."""
+
+    fine: torch.Tensor
+    coarse: torch.Tensor
+    ncut: torch.Tensor
+    flipped: torch.Tensor
+    instances: list[RawInstances | None]
 
 
 class Predictor:
@@ -86,9 +100,10 @@ class Predictor:
         return prepare_image(rgb, self.config.data.image_size, self.patch)
 
     @torch.inference_mode()
-    def infer(self, batch: np.ndarray) -> list[RawPrediction]:
-        """Equal-sized prepared images [B, h_in, w_in, 3] -> foreground maps and ncut
-        (and patch-level instances when the predictor has an `InstanceConfig`)."""
+    def infer_maps(self, batch: np.ndarray | torch.Tensor) -> DeviceMaps:
+        """Equal-sized prepared images [B, h_in, w_in, 3] -> `infer`'s results as tensors
+        on the device (to finish there: `device_finish.finish_on_device`), and the
+        patch-level instances when the predictor has an `InstanceConfig`."""
         x = to_model_input(batch, self.backbone.mean, self.backbone.std, self.device)
         grid = (x.shape[-2] // self.patch, x.shape[-1] // self.patch)
         graph = self.config.graph
@@ -108,12 +123,16 @@ class Predictor:
         if self.instances is not None:
             first = (coarse > 0.5).flatten(1) if self.instances.mode == "sempart" else None
             instances = maskcut_batch(feats, grid, self.instances, first)
-        fine = fine.float().cpu().numpy()
-        coarse = coarse.float().cpu().numpy()
-        ncut = ncut.float().cpu().numpy()
+        return DeviceMaps(fine.float(), coarse.float(), ncut.float(), flipped, instances)
+
+    def infer(self, batch: np.ndarray | torch.Tensor) -> list[RawPrediction]:
+        """Equal-sized prepared images [B, h_in, w_in, 3] -> foreground maps and ncut
+        (and patch-level instances when the predictor has an `InstanceConfig`)."""
+        maps = self.infer_maps(batch)
         return [
             RawPrediction(prob=p, ncut=float(n), coarse=c, border_flipped=bool(f), instances=i)
-            for p, n, c, f, i in zip(fine, ncut, coarse, flipped.tolist(), instances)
+            for p, n, c, f, i in zip(maps.fine.cpu().numpy(), maps.ncut.cpu().numpy(), maps.coarse.cpu().numpy(),
+                                     maps.flipped.tolist(), maps.instances)
         ]
 
     def finish(

@@ -32,22 +32,25 @@ def cpu_path(data: bytes, image_size: int, patch: int) -> np.ndarray:
     return prepare_image(decode_image(data), image_size, patch)
 
 
-def test_real_photos_match_the_pil_path_pixel_for_pixel_within_rounding():
+def test_real_photos_match_the_pil_path_pixel_for_pixel():
+    """torchvision's CPU decoder and PIL's are both libjpeg-turbo (integer IDCT and chroma
+    upsampling, identical on every CPU) and the resize is PIL's integer arithmetic, so the
+    prepared inputs are equal, not only close."""
     datas = [p.read_bytes() for p in PHOTOS[:12]]
     for data, got in zip(datas, decode_and_prepare(datas, 96, 8)):
         assert isinstance(got, PreparedImage)
         want = cpu_path(data, 96, 8)
         assert got.pixels.dtype == torch.uint8 and tuple(got.pixels.shape) == want.shape
         assert (got.height, got.width) == decode_image(data).shape[:2]
-        diff = np.abs(got.pixels.numpy().astype(int) - want)
-        assert diff.mean() < 1.0 and diff.max() <= 8  # JPEG IDCT and resize rounding
+        np.testing.assert_array_equal(got.pixels.numpy(), want)
 
 
 def test_masks_equal_the_pil_path_on_real_photos(tmp_path):
     """Predictions from the device-decoded inputs against the PIL-decoded ones, on one
-    random-backbone model. Masks are compared on TokenCut (a real partition of the
-    features); untrained SEMPART heads sit near the threshold, so for them the
-    probability maps are compared instead."""
+    random-backbone model, with TokenCut (a real partition of the features) and with
+    untrained SEMPART heads (maps near the threshold: their masks follow any difference
+    in the inputs; 1 level on a tenth of the values gave a mean IoU of 0.95 on held-out
+    photos before the resize was PIL's own)."""
     from sempart_core.artifact import save_untrained_artifact
     from sempart_core.config import SempartConfig
     from sempart_core.predictor import load_predictor
@@ -58,17 +61,15 @@ def test_masks_equal_the_pil_path_on_real_photos(tmp_path):
     datas = [p.read_bytes() for p in PHOTOS]
     assert len(datas) >= 10
     prepared = decode_and_prepare(datas, 128, 16)
-    for method in ("tokencut", "sempart"):
+    for method in ("sempart", "tokencut"):
         predictor = load_predictor(str(tmp_path / "m"), method=method)
         reference = predictor.predict([decode_image(d) for d in datas])
         ours = [predictor.finish(predictor.infer(g.pixels.unsqueeze(0))[0], g.height, g.width) for g in prepared]
-        if method == "tokencut":
-            ious = [mask_iou(a.mask, b.mask) for a, b in zip(ours, reference)]
-            assert np.mean(ious) >= 0.98, ious
-            assert 0.02 < np.mean([r.mask.mean() for r in reference]) < 0.98  # not trivially empty/full
-        else:
-            diffs = [np.abs(a.prob - b.prob).mean() for a, b in zip(ours, reference)]
-            assert np.mean(diffs) < 0.01, diffs
+        ious = [mask_iou(a.mask, b.mask) for a, b in zip(ours, reference)]
+        assert np.mean(ious) >= 0.98, (method, ious)
+        diffs = [np.abs(a.prob - b.prob).mean() for a, b in zip(ours, reference)]
+        assert np.mean(diffs) < 1e-3, (method, diffs)
+    assert 0.02 < np.mean([r.mask.mean() for r in reference]) < 0.98  # TokenCut's: not trivially empty/full
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

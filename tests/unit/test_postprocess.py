@@ -11,8 +11,10 @@ from pycocotools import mask as mask_utils
 from sempart_core.config import PostConfig
 from sempart_core.postprocess import (
     Prediction,
+    compact,
     confidence_score,
     connected_boxes,
+    mask_runs,
     mask_to_rle,
     postprocess,
     resize_prob,
@@ -293,3 +295,22 @@ def test_resize_prob_upscales_like_torch_bilinear() -> None:
         torch.from_numpy(prob)[None, None], size=(300, 400), mode="bilinear", align_corners=False
     )[0, 0].numpy()
     np.testing.assert_allclose(resize_prob(prob, (300, 400)), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the compact record
+
+
+@pytest.mark.parametrize("mask", [np.zeros((3, 4), bool), np.ones((3, 4), bool), np.eye(3, 4, dtype=bool)])
+def test_compact_record_keeps_the_rle(mask: np.ndarray) -> None:
+    pred = postprocess(mask.astype(np.float32), 0.5, PostConfig())
+    record = compact(pred)
+    assert record.rle() == mask_to_rle(mask) == pred.rle()
+    assert (record.height, record.width, record.mask_area, record.status) == (3, 4, pred.mask_area, pred.status)
+    assert record.runs.sum() == 12 and (record.runs[0] == 0) == bool(mask[0, 0])
+
+
+def test_mask_runs_are_cocos_uncompressed_counts() -> None:
+    mask = np.array([[1, 0, 0, 1], [1, 1, 0, 1]], bool)  # column-major: 1 1 | 0 1 | 0 0 | 1 1
+    assert mask_runs(mask).tolist() == [0, 2, 1, 1, 2, 2]
+    encoded = mask_utils.frPyObjects({"size": [2, 4], "counts": mask_runs(mask)}, 2, 4)
+    np.testing.assert_array_equal(mask_utils.decode(encoded).astype(bool), mask)
