@@ -228,7 +228,7 @@ def stage_costs(args: argparse.Namespace, folder: Path, model: Path) -> dict[str
     samples = [sources.Sample(uri=u, image_id="", data=d) for u, d in zip(uris, datas)]
     decoded = pa.concat_tables(label.decode_samples(iter(samples), 0, IMAGE_SIZE, patch))
     assert decoded.column("error").null_count == n, "a generated image failed to decode"
-    infer = label.Infer(str(model), info.model_id, "cpu", label.DEFAULT_BATCH_SIZE, threads=1)
+    infer = label.Infer(str(model), model_id=info.model_id, device="cpu", batch_size=label.DEFAULT_BATCH_SIZE, threads=1)
     inferred = timed("model", lambda: pa.concat_tables(infer(decoded.slice(s, 8)) for s in range(0, decoded.num_rows, 8)))
     finished = timed("finish", lambda: pa.concat_tables(
         label.finish_batch(inferred.slice(s, 16), info.config.post, info.model_id, "bench")

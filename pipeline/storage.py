@@ -13,10 +13,12 @@ per process and settings, so resolving is a parse, and each process opens one S3
 
 Retries (sempart_core/s3settings.py says why none stops for a quota): pyarrow's client
 retries inside the AWS SDK, where they cannot be counted. The reads of whole objects
-and byte ranges, nearly all of a labelling run's requests (one image each), are retried
-here instead, through a client without SDK retries (`read_object`, `read_range`): the
-same attempts and full-jitter backoff as botocore's, each retry counted by
-`retries()`, so that a run can say how much S3 throttled it.
+and byte ranges, nearly all of a labelling run's requests (one image each: a HEAD and
+a GET), are retried here instead (`read_object`, `read_range`): each read up to
+SEMPART_S3_MAX_ATTEMPTS times with botocore's full-jitter backoff, every retry counted
+by `retries()`, so that a run can say how much S3 throttled it; within a read, the SDK
+tries each request READ_REQUEST_ATTEMPTS times at once, so that a read of two requests
+is not twice as likely to fail as one.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ S3_SCHEMES = ("s3", "s3a")
 # or the HTTP status): throttling, 5xx answers with or without a body, dropped or reset
 # connections, and "Failed to flush response stream" (INTERNAL_FAILURE: an error body
 # longer than the few bytes a GET asked for). A missing object or a refusal is final.
+READ_REQUEST_ATTEMPTS = 2  # per request within one read_object / read_range attempt
 TRANSIENT_S3_ERROR = re.compile(
     r"HTTP status (5\d\d|429)|SLOW_DOWN|SERVICE_UNAVAILABLE|THROTTLING|INTERNAL_FAILURE|NETWORK_CONNECTION"
     r"|REQUEST_TIMEOUT|curlCode|Connection reset|timed out"
@@ -66,29 +69,31 @@ def s3_env() -> dict[str, str]:
 class RetryingS3FileSystem(pafs.S3FileSystem):
     """pyarrow's S3FileSystem with the AWS SDK's default retry strategy, which has no
     retry quota (sempart_core/s3settings.py: the "standard" strategy's quota runs out
-    under sustained throttling), and that keeps its settings when pickled. With
-    `sdk_retries=False` it tries each request once, for callers that retry themselves.
+    under sustained throttling), and that keeps its settings when pickled. It tries each
+    request `attempts` times (default: the settings' budget; fewer for callers that
+    retry themselves).
 
     pyarrow pickles an S3FileSystem without its retry strategy, so a copy sent to a Ray
     worker (Ray Train's storage_filesystem, a read task's file system) would fall back
     to 3 attempts; this one is rebuilt from its S3Settings on the other side.
     """
 
-    def __init__(self, settings: S3Settings, sdk_retries: bool = True):
+    def __init__(self, settings: S3Settings, attempts: int | None = None):
+        self.attempts = attempts or settings.max_attempts
         super().__init__(
             **settings.pyarrow_kwargs(),
             # the SDK's count is of retries: the first attempt comes on top
-            retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=settings.max_attempts - 1 if sdk_retries else 0),
+            retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=self.attempts - 1),
         )
-        self.settings, self.sdk_retries = settings, sdk_retries
+        self.settings = settings
 
     def __reduce__(self):
-        return RetryingS3FileSystem, (self.settings, self.sdk_retries)
+        return RetryingS3FileSystem, (self.settings, self.attempts)
 
 
 @functools.lru_cache(maxsize=8)
-def _pyarrow_s3_for(settings: S3Settings, sdk_retries: bool = True) -> RetryingS3FileSystem:
-    return RetryingS3FileSystem(settings, sdk_retries)
+def _pyarrow_s3_for(settings: S3Settings, attempts: int | None = None) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(settings, attempts)
 
 
 def pyarrow_s3() -> pafs.S3FileSystem:
@@ -142,13 +147,14 @@ def _read_at(fs: pafs.FileSystem, path: str, offset: int, size: int) -> bytes:
 
 
 def _read_retrying(uri: str, read: Callable[[pafs.FileSystem, str], bytes]) -> bytes:
-    """`read(fs, path)`; on S3 through a client without SDK retries, each transient
-    failure retried here (botocore's attempts and backoff) and counted."""
+    """`read(fs, path)`; on S3 through a client that tries each request
+    READ_REQUEST_ATTEMPTS times, each transient failure of the read retried here
+    (botocore's attempts and backoff) and counted."""
     fs, path = pyarrow_filesystem(uri)
     if not is_s3(uri):
         return read(fs, path)
     settings = S3Settings.from_env()
-    fs = _pyarrow_s3_for(settings, sdk_retries=False)
+    fs = _pyarrow_s3_for(settings, min(READ_REQUEST_ATTEMPTS, settings.max_attempts))
     for attempt in range(1, settings.max_attempts + 1):
         try:
             return read(fs, path)
