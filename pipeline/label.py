@@ -315,9 +315,9 @@ class ChunkWriter:
     once; rows of a chunk it is done with are dropped.
     """
 
-    def __init__(self, out: OutDir, run_id: str, nice: int = 0):
+    def __init__(self, out: str | OutDir, run_id: str, nice: int = 0):
         lower_priority(nice)
-        self.out, self.run_id = out, run_id
+        self.out, self.run_id = OutDir.at(out), run_id
         self.parts: dict[int, list[pa.Table]] = defaultdict(list)
         self.seen: dict[int, set[int]] = defaultdict(set)
         self.expected: dict[int, int] = {}
