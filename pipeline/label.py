@@ -63,10 +63,10 @@ from pipeline.labeler import (
     ROWS_SCHEMA,
     Labeler,
     finish_rows,
-    host_image,
     instance_config,
     needs_image,
     one_line,
+    result_columns,
 )
 from pipeline.storage import redact, s3_env
 from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
@@ -274,16 +274,10 @@ class Infer(Labeler):
         for i in range(n):
             if errors[i] is None and images[i] is None:
                 images[i] = np.frombuffer(pixels[i], np.uint8).reshape(in_h[i], in_w[i], 3)
-        raws = self.infer(images, errors, [(width[i], height[i]) for i in range(n)])
-        keep_image = needs_image(self.predictor.instances)
+        results = self.infer(images, errors, [(width[i], height[i]) for i in range(n)])
         columns = {name: pa.array(values, pa.int32()) for name, values in sizes.items()} | {
             "error": pa.array(errors, pa.string()),
-            "prob": pa.array([r.prob.astype(np.float32).tobytes() if r else None for r in raws], pa.large_binary()),
-            "ncut": pa.array([r.ncut if r else None for r in raws], pa.float64()),
-            "instances": pa.array([r.instances.pack() if r and r.instances else None for r in raws],
-                                  INFERRED_SCHEMA.field("instances").type),
-            "image": pa.array([host_image(images[i]).tobytes() if keep_image and raws[i] else None for i in range(n)],
-                              pa.large_binary()),
+            **result_columns(results, images, needs_image(self.predictor.instances)),
         }
         table = batch.drop_columns(["pixels", "error", *sizes])
         for name, values in columns.items():

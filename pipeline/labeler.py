@@ -24,6 +24,7 @@ time goes to the model.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,7 +36,16 @@ from pipeline.storage import read_object, redact
 from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
 from sempart_core.config import InstanceConfig, PostConfig
 from sempart_core.images import decode_image, prepare_image
-from sempart_core.postprocess import Prediction, RawInstances, RawPrediction, finish_raw
+from sempart_core.postprocess import (
+    CompactPrediction,
+    Instance,
+    Prediction,
+    RawInstances,
+    RawPrediction,
+    finish_instances,
+    finish_raw,
+    rle_to_mask,
+)
 
 IMAGE_COLUMN = "image"  # the default column of encoded bytes
 LOCATION_COLUMNS = ("path", "uri")  # read when there is no image column
@@ -64,8 +74,14 @@ RAW_INSTANCES_TYPE = pa.struct([  # postprocess.RawInstances.pack(): patch masks
 ])
 INFERRED_SCHEMA = pa.schema(
     [f for f in DECODED_SCHEMA if f.name != "pixels"] + [
-        pa.field("prob", pa.large_binary()),  # float32 [in_h, in_w]
+        pa.field("prob", pa.large_binary()),  # float32 [in_h, in_w]; null where the device finished the map
         pa.field("ncut", pa.float64()),
+        # finished on the device (CompactPrediction): the mask as uint32 run lengths, and its values
+        pa.field("runs", pa.large_binary()),
+        pa.field("mask_area", pa.int64()),
+        pa.field("box", LABELS_SCHEMA.field("box").type),
+        pa.field("boxes", LABELS_SCHEMA.field("boxes").type),
+        pa.field("score", pa.float32()),
         pa.field("instances", RAW_INSTANCES_TYPE),  # with --instances; null otherwise
         pa.field("image", pa.large_binary()),  # the prepared image, for instances refined on it (bilateral)
     ]
@@ -78,15 +94,40 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
 
 
-def prediction_columns(pred: Prediction, instances: bool = False) -> dict[str, Any]:
-    """The output table's columns that a prediction fills (`instances` only when asked
-    for: null otherwise)."""
+@dataclass
+class Finished:
+    """One image finished where the model ran (`device_finish`): its label without the
+    full-size maps, and its patch-level instances (finished on the CPU: they need the
+    image for the bilateral solver)."""
+
+    compact: CompactPrediction
+    instances: RawInstances | None = None
+
+
+def prediction_columns(pred: Prediction | CompactPrediction, instances: list[Instance] | None) -> dict[str, Any]:
+    """The output table's columns that a prediction fills (`instances` null when none
+    were asked for)."""
     columns = {"status": pred.status, "mask_rle": pred.rle(), "mask_area": pred.mask_area, "box": pred.box,
                "boxes": pred.boxes, "score": pred.score, "ncut": pred.ncut}
-    if instances:
+    if instances is not None:
         columns["instances"] = [{"mask_rle": i.rle(), "box": i.box, "area": i.area, "score": i.score, "ncut": i.ncut}
-                                for i in pred.instances]
+                                for i in instances]
     return columns
+
+
+def finish_columns(result: RawPrediction | Finished, height: int, width: int, post: PostConfig,
+                   instances: InstanceConfig | None, image: np.ndarray | None) -> dict[str, Any]:
+    """One image's columns: a map finished on the CPU here, or a device-finished label;
+    instances refined (`postprocess.finish_instances`) when asked for."""
+    if isinstance(result, RawPrediction):
+        pred = finish_raw(result, height, width, post, instances, image)
+        return prediction_columns(pred, pred.instances if instances is not None else None)
+    found = None
+    if instances is not None:
+        raw = result.instances
+        model_mask = rle_to_mask(result.compact.rle()) if raw is not None and raw.first_is_model else None
+        found = finish_instances(raw, (height, width), instances, model_mask, image) if raw is not None else []
+    return prediction_columns(result.compact, found)
 
 
 def instance_config(count: int, mode: str) -> InstanceConfig | None:
@@ -111,18 +152,46 @@ def finish_rows(batch: pa.Table, post: PostConfig, model_id: str, run_id: str,
         rec.update(model_id=model_id, run_id=run_id, labeled_at=now, error=r["error"])
         if r["error"] is None:
             try:
-                shape = (r["in_h"], r["in_w"])
-                raw = RawPrediction(np.frombuffer(r["prob"], np.float32).reshape(shape).copy(), r["ncut"],
-                                    instances=RawInstances.unpack(r["instances"]) if r["instances"] else None)
-                image = np.frombuffer(r["image"], np.uint8).reshape(*shape, 3) if r["image"] else None
-                pred = finish_raw(raw, r["height"], r["width"], post, instances, image)
-                rec.update(prediction_columns(pred, instances is not None))
+                rec.update(finish_columns(inferred_result(r), r["height"], r["width"], post, instances,
+                                          np.frombuffer(r["image"], np.uint8).reshape(r["in_h"], r["in_w"], 3)
+                                          if r["image"] else None))
             except Exception as exc:  # noqa: BLE001
                 rec["error"] = f"postprocess failed: {one_line(exc)}"
         if rec["error"] is not None:
             rec["status"] = STATUS_ERROR
         out.append(rec)
     return pa.Table.from_pylist(out, schema=ROWS_SCHEMA)
+
+
+def inferred_result(r: dict[str, Any]) -> RawPrediction | Finished:
+    """An INFERRED row's result: the map to finish, or the device-finished label."""
+    raw_instances = RawInstances.unpack(r["instances"]) if r["instances"] else None
+    if r["runs"] is not None:
+        return Finished(CompactPrediction(r["height"], r["width"], np.frombuffer(r["runs"], np.uint32), r["mask_area"],
+                                          r["box"], r["boxes"], r["score"], r["ncut"]), raw_instances)
+    prob = np.frombuffer(r["prob"], np.float32).reshape(r["in_h"], r["in_w"]).copy()
+    return RawPrediction(prob, r["ncut"], instances=raw_instances)
+
+
+def result_columns(results: list[RawPrediction | Finished | None], images: list, keep_image: bool) -> dict[str, pa.Array]:
+    """INFERRED's columns of each image's result (the device-finished fields, or the map),
+    its instances, and the prepared image where the instances need it."""
+    compact = [r.compact if isinstance(r, Finished) else None for r in results]
+    raw = [r if isinstance(r, RawPrediction) else None for r in results]
+    found = [r.instances if r is not None else None for r in results]
+    field = INFERRED_SCHEMA.field
+    return {
+        "prob": pa.array([r.prob.astype(np.float32).tobytes() if r else None for r in raw], pa.large_binary()),
+        "ncut": pa.array([r.ncut if r else c.ncut if c else None for r, c in zip(raw, compact)], pa.float64()),
+        "runs": pa.array([c.runs.astype(np.uint32).tobytes() if c else None for c in compact], pa.large_binary()),
+        "mask_area": pa.array([c.mask_area if c else None for c in compact], pa.int64()),
+        "box": pa.array([c.box if c else None for c in compact], field("box").type),
+        "boxes": pa.array([c.boxes if c else None for c in compact], field("boxes").type),
+        "score": pa.array([c.score if c else None for c in compact], pa.float32()),
+        "instances": pa.array([f.pack() if f else None for f in found], field("instances").type),
+        "image": pa.array([host_image(images[i]).tobytes() if keep_image and results[i] else None
+                           for i in range(len(results))], pa.large_binary()),
+    }
 
 
 class Labeler:
@@ -137,13 +206,16 @@ class Labeler:
     `instances` column (MaskCut, "maskcut", or after the model's own mask, "sempart").
     run_id: written to each row's `run_id`. model_id: refuse a model whose id differs
     (a run must keep the model it started with). threads: torch threads (the CPUs this
-    actor reserves)."""
+    actor reserves). finish: "device" resizes, thresholds, boxes and scores the maps
+    where the model ran (`device_finish`), so the CPU only compresses run lengths;
+    "cpu" does it all on the CPU (default: device on cuda, where CPUs are scarce; on a
+    CPU the scipy path is ~10x cheaper)."""
 
     def __init__(
         self, model: str, device: str | None = None, batch_size: int = 8,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, decode: str | None = None, image_column: str | None = None,
         instances: int = 0, instances_from: str = "maskcut", run_id: str = "", model_id: str | None = None,
-        threads: int | None = None,
+        threads: int | None = None, finish: str | None = None,
     ):
         import torch
 
@@ -154,14 +226,15 @@ class Labeler:
         if threads:
             torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if decode not in (None, "gpu", "cpu"):
-            raise ValueError(f"decode takes gpu or cpu, not {decode!r}")
+        if decode not in (None, "gpu", "cpu") or finish not in (None, "device", "cpu"):
+            raise ValueError(f"decode takes gpu or cpu, finish device or cpu: not {decode!r}, {finish!r}")
         self.predictor = load_predictor(model, device=device, batch_size=batch_size,
                                         instances=instance_config(instances, instances_from))
         if model_id is not None and self.predictor.model_id != model_id:  # rows must carry the model that made them
             raise ArtifactError(f"model {redact(model)} changed since the run started: use a new OUT")
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
         self.decode = decode or ("gpu" if self.predictor.device.type == "cuda" else "cpu")
+        self.finish = finish or ("device" if self.predictor.device.type == "cuda" else "cpu")
         self.image_column, self.run_id = image_column, run_id
         self.copier = DeviceCopier(self.predictor.device)
 
@@ -178,9 +251,9 @@ class Labeler:
             locations = table.column(next(c for c in LOCATION_COLUMNS if c in table.column_names)).to_pylist()
             datas = [self._read(uri) for uri in locations]
         prepared, errors = self.decode_encoded(datas)
-        raws = self.infer([p.pixels if p is not None else None for p in prepared], errors,
-                          [(p.width, p.height) if p is not None else None for p in prepared])
-        return self._rows(table, locations, datas, prepared, raws, errors)
+        results = self.infer([p.pixels if p is not None else None for p in prepared], errors,
+                             [(p.width, p.height) if p is not None else None for p in prepared])
+        return self._rows(table, locations, datas, prepared, results, errors)
 
     def _image_column(self, table: pa.Table) -> str | None:
         if self.image_column is not None:
@@ -201,7 +274,7 @@ class Labeler:
         except Exception as exc:  # noqa: BLE001 - a missing image is that row's error
             return exc
 
-    def _rows(self, table: pa.Table, locations: list | None, datas: list, prepared: list, raws: list,
+    def _rows(self, table: pa.Table, locations: list | None, datas: list, prepared: list, results: list,
               errors: list) -> pa.Table:
         """The output table's columns for each row, then the input's other columns."""
         now, post = datetime.now(timezone.utc), self.predictor.config.post
@@ -217,9 +290,8 @@ class Labeler:
             if rec["error"] is None:
                 try:
                     image = host_image(prepared[i].pixels) if needs_image(self.predictor.instances) else None
-                    pred = finish_raw(raws[i], prepared[i].height, prepared[i].width, post, self.predictor.instances,
-                                      image)
-                    rec.update(prediction_columns(pred, self.predictor.instances is not None))
+                    rec.update(finish_columns(results[i], prepared[i].height, prepared[i].width, post,
+                                              self.predictor.instances, image))
                 except Exception as exc:  # noqa: BLE001
                     rec["error"] = f"postprocess failed: {one_line(exc)}"
             if rec["error"] is not None:
@@ -264,22 +336,60 @@ class Labeler:
         return PreparedImage(prepare_image(rgb, image_size, patch), rgb.shape[0], rgb.shape[1])
 
     def infer(self, images: list, errors: list[str | None], sizes: list[tuple[int, int] | None]) -> list:
-        """The model's RawPrediction for each prepared image (numpy [h, w, 3] or a device
-        tensor) whose row has no error yet; an image out of memory alone, or a batch that
-        fails, gives the rows' `errors` instead."""
+        """Each prepared image's result (numpy [h, w, 3] or a device tensor) whose row has
+        no error yet: the model's RawPrediction, or with finish "device" the `Finished`
+        label; an image out of memory alone, or a batch that fails, gives the rows'
+        `errors` instead."""
         from sempart_core.batching import infer_in_batches
 
         todo = [i for i in range(len(images)) if errors[i] is None]
-        raws: list[RawPrediction | None] = [None] * len(images)
-        results = infer_in_batches(self.predictor.infer, [images[i] for i in todo], self.predictor.patch,
-                                   self.batch_size, self.max_batch_tokens, [sizes[i] for i in todo], self.copier,
+        found: list = [None] * len(images)
+        on_device = self.finish == "device"
+        results = infer_in_batches(self._device_maps if on_device else self.predictor.infer,
+                                   [images[i] for i in todo], self.predictor.patch, self.batch_size,
+                                   self.max_batch_tokens, [sizes[i] for i in todo], self.copier,
                                    failed=lambda exc: f"inference failed: {one_line(exc)}")
         for i, result in zip(todo, results):
-            if isinstance(result, RawPrediction):
-                raws[i] = result
+            if isinstance(result, (RawPrediction, _OnDevice)):
+                found[i] = result
             else:  # ImageOutOfMemory, or the failure's message
                 errors[i] = str(result)
-        return raws
+        return self._finish_on_device(found, errors, sizes) if on_device else found
+
+    def _device_maps(self, batch: Any) -> list[_OnDevice]:
+        maps = self.predictor.infer_maps(batch)
+        return [_OnDevice(maps.fine[i], maps.ncut[i], maps.instances[i]) for i in range(len(maps.fine))]
+
+    def _finish_on_device(self, found: list, errors: list[str | None], sizes: list) -> list[Finished | None]:
+        """The device maps finished where they are (`device_finish`), those of one input
+        shape together; a map that cannot be finished is its row's error."""
+        import torch
+
+        from sempart_core.device_finish import finish_on_device
+
+        finished: list[Finished | None] = [None] * len(found)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, result in enumerate(found):
+            if result is not None:
+                by_shape.setdefault(tuple(result.fine.shape), []).append(i)
+        for rows in by_shape.values():
+            done = finish_on_device(torch.stack([found[i].fine for i in rows]), [sizes[i][::-1] for i in rows],
+                                    torch.stack([found[i].ncut for i in rows]), self.predictor.config.post)
+            for i, compact in zip(rows, done):
+                if isinstance(compact, Exception):
+                    errors[i] = f"postprocess failed: {one_line(compact)}"
+                else:
+                    finished[i] = Finished(compact, found[i].instances)
+        return finished
+
+
+@dataclass
+class _OnDevice:
+    """One image's model output, still on the device, waiting to be finished there."""
+
+    fine: Any  # torch.Tensor [h_in, w_in]
+    ncut: Any  # torch.Tensor []
+    instances: RawInstances | None
 
 
 def host_image(pixels: Any) -> np.ndarray:
