@@ -239,6 +239,7 @@ def label_cmd(
     image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet input: column of image bytes (binary or struct with 'bytes'; default: image, jpg, img or bytes)."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet input: column of image ids (default: sha1 of the uri)."),
     decode: Optional[str] = typer.Option(None, "--decode", help="gpu: decode JPEGs in the inference actors, on their device (the CPUs only fetch bytes); cpu: decode with PIL in CPU tasks (default: gpu with --gpu, else cpu)."),
+    finish: Optional[str] = typer.Option(None, "--finish", help="device: resize, threshold, box and score the maps where the model ran, the CPUs only compress and write (default with --gpu); cpu: in CPU tasks."),
     instances: Optional[int] = typer.Option(None, "--instances", help="Up to N objects per image in the instances column (MaskCut; default 0: none). Fixed per run."),
     instances_from: Optional[str] = typer.Option(None, "--instances-from", help="maskcut: MaskCut's cuts alone (default); sempart: the model's own mask first, then cuts over the rest."),
     stall_timeout: float = typer.Option(
@@ -263,7 +264,7 @@ def label_cmd(
                          gpu=gpu, rows_per_file=rows_per_file, limit=limit, retry_errors=retry_errors,
                          max_batch_tokens=max_batch_tokens, image_column=image_column, id_column=id_column,
                          decode=decode, stall_timeout=stall_timeout, instances=instances,
-                         instances_from=instances_from)
+                         instances_from=instances_from, finish=finish)
         )
     except IncompleteRunError as exc:
         shutdown_quietly()  # its line is the last thing printed

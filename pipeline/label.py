@@ -98,13 +98,23 @@ class LabelUsageError(ValueError):
     """A setting the user must change (mismatched resume, no GPU for --gpu, ...)."""
 
 
+@dataclass
+class Tally:
+    """What a pipeline's summary rows add up to (`consume`)."""
+
+    rows: int = 0  # written
+    s3_retries: int = 0  # of the image reads
+    device_s: float = 0.0  # CPU time of the inference actors' device stages (decode, model, finish)
+    first_row_s: float | None = None  # from the start until the writer took its first rows
+
+
 class IncompleteRunError(RuntimeError):
     """The pipeline ended with chunks unwritten (e.g. the writer actor was restarted);
-    `s3_retries` counts the retries of its reads until then."""
+    `tally` says what it did until then."""
 
-    def __init__(self, message: str, s3_retries: int = 0):
+    def __init__(self, message: str, tally: Tally | None = None):
         super().__init__(message)
-        self.s3_retries = s3_retries
+        self.tally = tally or Tally()
 
 
 @dataclass
@@ -128,6 +138,7 @@ class LabelOptions:
     stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # fail when no row reaches the writer for this long
     instances: int | None = None  # objects per image in `instances` (default 0: none); fixed per run
     instances_from: str | None = None  # "maskcut" (default) or "sempart" (the model's mask first); fixed per run
+    finish: str | None = None  # "device": maps finished where the model ran (default with --gpu); "cpu": in CPU tasks
 
     def public(self) -> dict:
         """The options with URIs redacted, for logs and _runs/*.json."""
@@ -257,6 +268,7 @@ class Infer(Labeler):
             return failed.select(INFERRED_SCHEMA.names)
 
     def infer_decoded(self, batch: pa.Table) -> pa.Table:
+        started = time.thread_time()  # this thread's CPU: torch computes in it (one thread per actor on CPU)
         n = batch.num_rows
         errors = batch.column("error").to_pylist()
         sizes = {name: batch.column(name).to_pylist() for name in ("in_h", "in_w", "width", "height")}
@@ -275,8 +287,11 @@ class Infer(Labeler):
             if errors[i] is None and images[i] is None:
                 images[i] = np.frombuffer(pixels[i], np.uint8).reshape(in_h[i], in_w[i], 3)
         results = self.infer(images, errors, [(width[i], height[i]) for i in range(n)])
+        images_in = sum(r is not None for r in results) or 1
+        device_s = (time.thread_time() - started) / images_in
         columns = {name: pa.array(values, pa.int32()) for name, values in sizes.items()} | {
             "error": pa.array(errors, pa.string()),
+            "device_s": pa.array([device_s if r is not None else None for r in results], pa.float64()),
             **result_columns(results, images, needs_image(self.predictor.instances)),
         }
         table = batch.drop_columns(["pixels", "error", *sizes])
@@ -315,26 +330,28 @@ class ChunkWriter:
         self.parts: dict[int, list[pa.Table]] = defaultdict(list)
         self.seen: dict[int, set[int]] = defaultdict(set)
         self.expected: dict[int, int] = {}
-        self.s3_retries: dict[int, int] = defaultdict(int)  # reported on the chunks' end rows
+        # per chunk: S3 retries (its end row) and device seconds (its rows, each counted once)
+        self.stats: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(STAT_COLUMNS, 0))
         self.closed: set[int] = set()  # written or given up
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         done = []
         chunks, rows = batch.column("chunk").to_numpy(), batch.column("row").to_numpy()
         ends, errors = batch.column("chunk_rows").to_pylist(), batch.column("error").to_pylist()
-        retries = batch.column("s3_retries").to_pylist()
+        retries, device_s = batch.column("s3_retries").to_pylist(), batch.column("device_s").to_pylist()
         for chunk in map(int, np.unique(chunks)):
             if chunk in self.closed:
                 continue
-            keep, failure = [], None
+            keep, failure, stats = [], None, self.stats[chunk]
             for i in np.flatnonzero(chunks == chunk):
-                self.s3_retries[chunk] += retries[i] or 0
                 if ends[i] == CHUNK_FAILED:
                     failure = errors[i]
                 elif ends[i] is not None:
                     self.expected[chunk] = ends[i]
+                    stats["s3_retries"] += retries[i] or 0
                 elif int(rows[i]) not in self.seen[chunk]:
                     self.seen[chunk].add(int(rows[i]))
+                    stats["device_s"] += device_s[i] or 0.0
                     keep.append(i)
             if failure is not None:
                 done.append(self.give_up(chunk, failure))
@@ -355,15 +372,15 @@ class ChunkWriter:
             return self.give_up(chunk, f"chunk {chunk} not written: {one_line(exc)}")
 
     def flush(self, chunk: int) -> dict:
-        retries, table = self.s3_retries[chunk], self.take(chunk)
+        stats, table = self.stats[chunk], self.take(chunk)
         counts = self.out.write_part(table, OutDir.part_name(self.run_id, chunk))
-        return {"chunk": chunk, "rows": table.num_rows, **counts, "s3_retries": retries}
+        return {"chunk": chunk, "rows": table.num_rows, **counts, **stats}
 
     def take(self, chunk: int) -> pa.Table:
         """The chunk's rows in order, as output rows; from now on the chunk is closed."""
         table = pa.concat_tables(self.parts.pop(chunk, []) or [ROWS_SCHEMA.empty_table()])
         table = table.sort_by("row").select(LABELS_SCHEMA.names)
-        for state in (self.seen, self.expected, self.s3_retries):
+        for state in (self.seen, self.expected, self.stats):
             state.pop(chunk, None)
         self.closed.add(chunk)
         return table
@@ -371,9 +388,9 @@ class ChunkWriter:
     def give_up(self, chunk: int, error: str) -> dict:
         """Drop the chunk's rows; its summary row says why."""
         logger.warning("%s: left for --resume", error)
-        retries = self.s3_retries[chunk]
+        stats = self.stats[chunk]
         self.take(chunk)
-        return {"chunk": chunk, "rows": 0, **dict.fromkeys(STATUSES, 0), "s3_retries": retries, "given_up": error}
+        return {"chunk": chunk, "rows": 0, **dict.fromkeys(STATUSES, 0), **stats, "given_up": error}
 
 
 class ErrorRetryWriter(ChunkWriter):
@@ -384,12 +401,12 @@ class ErrorRetryWriter(ChunkWriter):
     file, counting the relabelled rows only."""
 
     def flush(self, chunk: int) -> dict:
-        retries, relabelled = self.s3_retries[chunk], self.take(chunk)
+        stats, relabelled = self.stats[chunk], self.take(chunk)
         name = OutDir.part_name(self.run_id, chunk)
         merged, attempts = merge_retried(self.out.read_part(name), relabelled, name)
         self.out.write_part(merged, name, attempts)
         return {"chunk": chunk, "rows": relabelled.num_rows, **status_counts(relabelled.column("status").to_pylist()),
-                "s3_retries": retries}
+                **stats}
 
 
 def error_samples(
@@ -428,9 +445,11 @@ def merge_retried(old: pa.Table, relabelled: pa.Table, name: str) -> tuple[pa.Ta
     return both.take(index), attempts
 
 
+STAT_COLUMNS = ("s3_retries", "device_s")  # summed per chunk by the writer, then by `consume`
 SUMMARY_SCHEMA = pa.schema(
     [("chunk", pa.int64()), ("rows", pa.int64())] + [(s, pa.int64()) for s in STATUSES]
     + [("s3_retries", pa.int64()),  # of the chunk's reads (storage.read_object)
+       ("device_s", pa.float64()),  # of its rows in the inference actors' device stages
        ("given_up", pa.string())]  # why a chunk was given up; null when its file was written
 )
 
@@ -574,7 +593,8 @@ def build_dataset(job: Job, pending: list[int], retry: bool = False) -> ray.data
         fn_constructor_kwargs={"model": opts.model, "model_id": art.model_id, "device": "cuda" if gpu else "cpu",
                                "batch_size": opts.batch_size, "threads": plan.threads,
                                "max_batch_tokens": opts.max_batch_tokens, "decode": decode,
-                               "instances": run.instances, "instances_from": run.instances_from},
+                               "instances": run.instances, "instances_from": run.instances_from,
+                               "finish": opts.finish},
         **({"runtime_env": {"env_vars": infer_env}} if infer_env else {}),
     )
     ds = ds.map_batches(
@@ -619,12 +639,10 @@ def _stop(ds: ray.data.Dataset) -> None:
             logger.warning("could not shut the stalled pipeline down: %s", one_line(exc))
 
 
-def consume(
-    ds: ray.data.Dataset, pending: list[int], counts: dict[str, int], stall_timeout: float
-) -> tuple[int, int]:
+def consume(ds: ray.data.Dataset, pending: list[int], counts: dict[str, int], stall_timeout: float) -> Tally:
     """Run the pipeline, adding each written file's status counts to `counts` and
-    logging progress; returns the rows written and the S3 retries of the reads. The
-    driver sees one row per file and one per batch the writer takes (chunk PROGRESS_ROW).
+    logging progress; returns what the summary rows add up to. The driver sees one row
+    per file and one per batch the writer takes (chunk PROGRESS_ROW).
 
     A watchdog: when the writer takes no row for `stall_timeout` seconds (Ray Data can
     wait forever on an actor pool whose actor died, or on a lost node's work), the
@@ -635,7 +653,7 @@ def consume(
     stream = threading.Thread(target=_stream, args=(ds, events), name="sempart-label-stream", daemon=True)
     written: set[int] = set()
     given_up: dict[int, str] = {}
-    labelled = s3_retries = 0
+    tally = Tally()
     start = last_log = time.perf_counter()
     with warnings.catch_warnings():
         # Ray Data warns when an actor pool gets fewer input blocks than actors; it counts
@@ -654,35 +672,38 @@ def consume(
                 missing = sorted(set(pending) - written)
                 raise IncompleteRunError(
                     f"no progress for {stall_timeout:g} s (--stall-timeout): {len(missing)} of {len(pending)} "
-                    f"files not written (chunks {_missing(missing)}): run again with --resume", s3_retries
+                    f"files not written (chunks {_missing(missing)}): run again with --resume", tally
                 ) from None
             if batch is None:
                 break
             if isinstance(batch, BaseException):
                 raise batch
+            if tally.first_row_s is None:
+                tally.first_row_s = time.perf_counter() - start
             for rec in batch.to_pylist():
                 if rec["chunk"] == PROGRESS_ROW:
                     continue
-                s3_retries += rec["s3_retries"] or 0
+                tally.s3_retries += rec["s3_retries"] or 0
+                tally.device_s += rec["device_s"] or 0.0
                 if rec["given_up"] is not None:
                     given_up[rec["chunk"]] = rec["given_up"]
                     continue
                 written.add(rec["chunk"])
-                labelled += rec["rows"]
+                tally.rows += rec["rows"]
                 for s in STATUSES:
                     counts[s] += rec[s]
             if time.perf_counter() - last_log > PROGRESS_EVERY_S:
                 last_log = time.perf_counter()
                 logger.info("progress: %d/%d files, %d images, %.2f images/s",
-                            len(written), len(pending), labelled, labelled / (last_log - start))
+                            len(written), len(pending), tally.rows, tally.rows / (last_log - start))
     missing = sorted(set(pending) - written)
     if missing:
         first = min(given_up, default=None)
         raise IncompleteRunError(
             f"{len(missing)} of {len(pending)} files were not written (chunks {_missing(missing)}): "
-            "run again with --resume" + (f" ({given_up[first]})" if first is not None else ""), s3_retries
+            "run again with --resume" + (f" ({given_up[first]})" if first is not None else ""), tally
         )
-    return labelled, s3_retries
+    return tally
 
 
 def run_label(opts: LabelOptions) -> LabelSummary:
@@ -695,8 +716,9 @@ def run_label(opts: LabelOptions) -> LabelSummary:
         raise LabelUsageError("--batch-size, --rows-per-file and --actors must be >= 1, --limit >= 0")
     if opts.max_batch_tokens < 1:
         raise LabelUsageError(f"--max-batch-tokens must be >= 1, got {opts.max_batch_tokens}")
-    if opts.decode not in (None, "gpu", "cpu"):
-        raise LabelUsageError(f"--decode takes gpu or cpu, not {opts.decode!r}")
+    if opts.decode not in (None, "gpu", "cpu") or opts.finish not in (None, "device", "cpu"):
+        raise LabelUsageError(f"--decode takes gpu or cpu and --finish device or cpu, not {opts.decode!r}, "
+                              f"{opts.finish!r}")
     if (opts.instances or 0) < 0 or opts.instances_from not in (None, *INSTANCE_MODES):
         raise LabelUsageError(f"--instances takes N >= 0 and --instances-from {' or '.join(INSTANCE_MODES)}")
     if opts.retry_errors and not opts.resume:
@@ -732,17 +754,18 @@ def run_label(opts: LabelOptions) -> LabelSummary:
         init_ray()
         job = Job(opts, out, run, art, out.manifest_of(run, opts.input), *_resources(opts))
         t2 = time.perf_counter()
+    passes: list[Tally] = []
     try:
         if pending:
-            labelled, read_retries = consume(build_dataset(job, pending), pending, counts, opts.stall_timeout)
-            run.s3_retries += read_retries
+            passes.append(consume(build_dataset(job, pending), pending, counts, opts.stall_timeout))
+            labelled = passes[-1].rows
         if retry:
             logger.info("labelling again %d error rows in %d part files", sum(retry.values()), len(retry))
-            retried, read_retries = consume(build_dataset(job, sorted(retry), retry=True), sorted(retry),
-                                            relabelled, opts.stall_timeout)
-            run.s3_retries += read_retries
+            passes.append(consume(build_dataset(job, sorted(retry), retry=True), sorted(retry), relabelled,
+                                  opts.stall_timeout))
+            retried = passes[-1].rows
     except IncompleteRunError as exc:  # the record keeps what this invocation met
-        run.s3_retries += exc.s3_retries + storage.retries() - s3_retries_before
+        run.s3_retries += sum(t.s3_retries for t in [*passes, exc.tally]) + storage.retries() - s3_retries_before
         try:
             out.save_run(run)
         except Exception as save_error:  # noqa: BLE001 - the run's own error is the one to report
@@ -755,7 +778,9 @@ def run_label(opts: LabelOptions) -> LabelSummary:
         run.retries.append(RetryRecord(at=_now(), files=len(retry), rows=retried, **relabelled))
     t_label = time.perf_counter() - t2
     total_s = time.perf_counter() - t0
-    timings = {"setup_and_listing_s": t_list, "ray_start_s": t2 - t1, "label_s": t_label, "total_s": total_s}
+    timings = {"setup_and_listing_s": t_list, "ray_start_s": t2 - t1, "label_s": t_label, "total_s": total_s,
+               "first_row_s": passes[0].first_row_s if passes and passes[0].first_row_s is not None else 0.0,
+               "device_cpu_s": sum(t.device_s for t in passes)}
     summary = LabelSummary(
         run_id=run.run_id, counts=counts, total=sum(counts.values()), labelled_now=labelled,
         seconds=total_s, images_per_s=labelled / t_label if labelled else 0.0,
@@ -765,7 +790,7 @@ def run_label(opts: LabelOptions) -> LabelSummary:
     )
     run.status, run.counts, run.finished_at = "finished", counts, _now()
     run.invocations += 1
-    run.s3_retries += storage.retries() - s3_retries_before
+    run.s3_retries += sum(t.s3_retries for t in passes) + storage.retries() - s3_retries_before
     if labelled or run.timings is None:  # throughput of the last invocation that labelled
         run.timings, run.labelled_last = summary.timings, labelled
         run.images_per_s, run.last_config = round(summary.images_per_s, 3), opts.public()

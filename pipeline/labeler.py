@@ -74,6 +74,7 @@ RAW_INSTANCES_TYPE = pa.struct([  # postprocess.RawInstances.pack(): patch masks
 ])
 INFERRED_SCHEMA = pa.schema(
     [f for f in DECODED_SCHEMA if f.name != "pixels"] + [
+        pa.field("device_s", pa.float64()),  # the row's share of the actor's time in device stages (decode, model, finish)
         pa.field("prob", pa.large_binary()),  # float32 [in_h, in_w]; null where the device finished the map
         pa.field("ncut", pa.float64()),
         # finished on the device (CompactPrediction): the mask as uint32 run lengths, and its values
@@ -86,7 +87,8 @@ INFERRED_SCHEMA = pa.schema(
         pa.field("image", pa.large_binary()),  # the prepared image, for instances refined on it (bilateral)
     ]
 )
-ROWS_SCHEMA = pa.schema(list(DECODED_SCHEMA)[:4] + list(LABELS_SCHEMA), metadata=LABELS_SCHEMA.metadata)
+ROWS_SCHEMA = pa.schema(list(DECODED_SCHEMA)[:4] + [INFERRED_SCHEMA.field("device_s")] + list(LABELS_SCHEMA),
+                        metadata=LABELS_SCHEMA.metadata)
 
 
 def one_line(exc: BaseException) -> str:
@@ -148,7 +150,8 @@ def finish_rows(batch: pa.Table, post: PostConfig, model_id: str, run_id: str,
     now = datetime.now(timezone.utc)
     out = []
     for r in batch.to_pylist():
-        rec = {k: r[k] for k in ("chunk", "row", "chunk_rows", "s3_retries", "image_id", "uri", "width", "height")}
+        rec = {k: r.get(k) for k in ("chunk", "row", "chunk_rows", "s3_retries", "device_s", "image_id", "uri",
+                                     "width", "height")}
         rec.update(model_id=model_id, run_id=run_id, labeled_at=now, error=r["error"])
         if r["error"] is None:
             try:

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.integration
 
 def summary(chunk: int, rows: int, given_up: str | None = None, s3_retries: int = 0) -> dict:
     return {"chunk": chunk, "rows": rows, **dict.fromkeys(STATUSES, 0), "ok": rows if chunk != PROGRESS_ROW else 0,
-            "s3_retries": s3_retries if chunk != PROGRESS_ROW else None, "given_up": given_up}
+            "s3_retries": s3_retries if chunk != PROGRESS_ROW else None, "device_s": 0.5 * rows if chunk != PROGRESS_ROW else None,
+            "given_up": given_up}
 
 
 def test_stalled_pipeline_fails_with_the_missing_chunks(ray_session) -> None:
@@ -50,7 +51,9 @@ def test_finished_pipeline_names_unwritten_chunks(ray_session) -> None:
     rows = [summary(PROGRESS_ROW, 3), summary(0, 3)] + [summary(k, 1) for k in range(2, 14)]
     ds = ray_session.data.from_arrow(pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA))
     counts = dict.fromkeys(STATUSES, 0)
-    assert consume(ds, [0, *range(2, 14)], counts, stall_timeout=60) == (3 + 12, 0)  # progress rows count no file
+    tally = consume(ds, [0, *range(2, 14)], counts, stall_timeout=60)
+    assert (tally.rows, tally.s3_retries) == (3 + 12, 0)  # progress rows count no file
+    assert tally.device_s == 0.5 * (3 + 12) and tally.first_row_s is not None
     assert counts == {"ok": 15, "empty": 0, "error": 0}
     with pytest.raises(IncompleteRunError, match=r"^12 of 25 files were not written \(chunks 1, 14, 15, 16, 17, 18, 19, 20, 21, 22 and 2 more\): run again"):
         consume(ds, list(range(25)), dict.fromkeys(STATUSES, 0), stall_timeout=60)
@@ -67,7 +70,7 @@ def test_given_up_chunks_are_named_with_the_first_reason(ray_session) -> None:
         consume(ds, [0, 1, 2], counts, stall_timeout=60)
     assert str(info.value) == ("2 of 3 files were not written (chunks 1, 2): run again with --resume "
                                "(chunk 1 not read: x)")
-    assert counts["ok"] == 3 and info.value.s3_retries == 5
+    assert counts["ok"] == 3 and info.value.tally.s3_retries == 5
 
 
 def test_after_a_stall_the_watchdog_line_is_the_last_thing_printed(ray_tmp: Path, model: str, tmp_path: Path) -> None:

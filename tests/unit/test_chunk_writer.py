@@ -35,7 +35,7 @@ def test_chunks_complete_on_end_row_and_all_rows(tmp_path: Path) -> None:
     for i, batch in enumerate(batches):
         summary = writer(batch).to_pylist()
         assert summary[-1] == {"chunk": PROGRESS_ROW, "rows": batch.num_rows, "ok": 0, "empty": 0, "error": 0,
-                               "s3_retries": None, "given_up": None}
+                               "s3_retries": None, "device_s": None, "given_up": None}
         for rec in summary[:-1]:
             assert rec["chunk"] not in written  # once
             assert i >= end_rows[rec["chunk"]]  # never before its end row
