@@ -91,8 +91,8 @@ OUR_ROWS = {
     "SEMPART fine (ours)": ("sempart", "border_rule_on", "fine"),
     "SEMPART coarse (ours)": ("sempart", "border_rule_on", "coarse"),
     "SEMPART fine, no border rule": ("sempart", "border_rule_off", "fine"),
-    "TokenCut (ours, same backbone)": ("tokencut", "border_rule_on", "fine"),
-    "TokenCut + BS (ours, same backbone)": ("tokencut-bs", "border_rule_on", "fine"),
+    "TokenCut (ours, same backbone)": ("tokencut", "tokencut_seed_rule", "fine"),
+    "TokenCut + BS (ours, same backbone)": ("tokencut-bs", "tokencut_seed_rule", "fine"),
 }
 
 

@@ -3,10 +3,11 @@
 Predictions and GT are matched by file stem (`0001.png` <-> `0001.png` / `0001.npy`).
 Folder-based evaluation (`sempart eval --pred`) scores the given maps. Model-based
 evaluation (`sempart eval --model`) scores, side by side, the fine and the coarse map
-(the coarse one upsampled to the GT's size), each with the border rule on (what the
-method outputs) and off (the rule's flip undone), and CorLoc of the main box when GT
-boxes are given. The fine map with the rule on is the method's output: its figures are
-also the report's top-level keys, as in a folder-based report.
+(the coarse one upsampled to the GT's size) under each foreground rule the method has:
+SEMPART's border rule on (what the method outputs) and off (the rule's flip undone), or
+TokenCut's own seed rule, named as such; and CorLoc of the main box when GT boxes are
+given. The fine map under the method's own rule is its output: its figures are also the
+report's top-level keys, as in a folder-based report.
 """
 from __future__ import annotations
 
@@ -142,7 +143,11 @@ def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path) -> dict:
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 MAPS = ("fine", "coarse")
-RULES = ("border_rule_on", "border_rule_off")
+# Foreground rules, the method's own first: SEMPART's border rule (and its flip undone),
+# TokenCut's seed rule (the side holding the largest |Fiedler| entry).
+BORDER_RULES = ("border_rule_on", "border_rule_off")
+TOKENCUT_RULES = ("tokencut_seed_rule",)
+RULES = BORDER_RULES + TOKENCUT_RULES
 _PERCENT = ("Acc", "IoU", "maxF_dataset", "maxF_image")  # printed in %, MAE as a fraction
 
 
@@ -154,13 +159,13 @@ def metric_scalars(result: dict) -> dict:
 class ModelScores:
     """Streaming scores of a model's predictions, for every map and foreground rule.
 
-    Per image: the fine and coarse maps as predicted (border rule on) and with the flip
-    undone where the rule flipped (border rule off, only when ``border_rule`` says the
-    method has the rule); the main box of each rule's fine mask for CorLoc.
+    Per image: the fine and coarse maps as predicted (the method's own rule, first in
+    ``rules``) and, for ``border_rule_off``, with the flip undone where the border rule
+    flipped; the main box of each rule's fine mask for CorLoc.
     """
 
-    def __init__(self, masks: bool, boxes: bool, border_rule: bool, threshold: float):
-        self.rules = RULES if border_rule else RULES[:1]
+    def __init__(self, masks: bool, boxes: bool, rules: tuple[str, ...], threshold: float):
+        self.rules = rules
         self.threshold = threshold
         self.sod = {(r, m): SODMetrics() for r in self.rules for m in MAPS} if masks else {}
         self.pred_boxes: dict[str, list] = {r: [] for r in self.rules} if boxes else {}
@@ -188,7 +193,7 @@ class ModelScores:
     def result(self) -> dict:
         report: dict = {"rules": list(self.rules), "n_border_flipped": self.n_flipped}
         if self.sod:
-            main = self.sod["border_rule_on", "fine"].result()
+            main = self.sod[self.rules[0], "fine"].result()
             report.update(main)  # the method's output, as in a folder-based report
             for rule in self.rules:
                 report[rule] = {m: metric_scalars(self.sod[rule, m].result()) for m in MAPS}
@@ -197,7 +202,7 @@ class ModelScores:
                 "n_images": len(self.gt_boxes),
                 **{rule: corloc(self.pred_boxes[rule], self.gt_boxes) for rule in self.rules},
             }
-            report["CorLoc"] = report["corloc"]["border_rule_on"]
+            report["CorLoc"] = report["corloc"][self.rules[0]]
         return report
 
 
@@ -233,8 +238,8 @@ def evaluate_model(
     images = select_images(images_dir, set(gts) if gts is not None else None,
                            set(boxes) if boxes is not None else None, stems)
     images = images[:limit] if limit else images
-    scores = ModelScores(gts is not None, boxes is not None, predictor.method == "sempart",
-                         predictor.config.post.threshold)
+    rules = BORDER_RULES if predictor.method == "sempart" else TOKENCUT_RULES
+    scores = ModelScores(gts is not None, boxes is not None, rules, predictor.config.post.threshold)
     step = predictor.batch_size * 4
     for start in range(0, len(images), step):
         chunk = images[start : start + step]
@@ -251,7 +256,7 @@ def evaluate_model(
         images_dir=str(images_dir),
         gt_dir=str(gt_dir) if gt_dir is not None else None,
         method=predictor.method,
-        foreground_rule="border" if predictor.method == "sempart" else "tokencut_seed",
+        foreground_rule=rules[0],
         model_id=predictor.model_id,
         random_backbone=bool(predictor.meta.get("random_backbone", False)),
     )
@@ -267,8 +272,8 @@ def format_report(report: dict) -> str:
     lines = []
     rules = [r for r in RULES if r in report]
     if rules:
-        lines.append(f"{'map':<8}{'foreground rule':<18}{header}")
-        lines += [f"{m:<8}{rule:<18}{cells(report[rule][m])}" for rule in rules for m in MAPS]
+        lines.append(f"{'map':<8}{'foreground rule':<20}{header}")
+        lines += [f"{m:<8}{rule:<20}{cells(report[rule][m])}" for rule in rules for m in MAPS]
     elif "IoU" in report:
         lines += [header, cells(report)]
     if "corloc" in report:

@@ -27,7 +27,7 @@ from .foreground import foreground_rule
 from .graph import partition_ncut
 from .images import prepare_image
 from .model import SempartHeads
-from .postprocess import Prediction, RawPrediction, finish_raw, resize_prob
+from .postprocess import Prediction, RawPrediction, finish_raw
 from .tokencut import tokencut_partition, upsample_patch_mask
 from .training import to_model_input
 
@@ -105,14 +105,17 @@ class Predictor:
     def finish(self, raw: RawPrediction, height: int, width: int, rgb: np.ndarray | None = None) -> Prediction:
         """Resize the map to the original image size and post-process it.
 
-        ``tokencut-bs`` needs the original image ``rgb`` [height, width, 3]: the
-        bilateral solver snaps TokenCut's mask to its colour edges.
+        TokenCut's patch mask goes straight to the original size, nearest, as TokenCut
+        upsamples it. ``tokencut-bs`` needs the original image ``rgb`` [height, width,
+        3]: the bilateral solver snaps that mask to its colour edges.
         """
+        if self.method != "sempart":
+            prob = upsample_patch_mask(torch.from_numpy(raw.coarse)[None], (height, width))[0].numpy()
+            raw = replace(raw, prob=prob)
         if self.method == "tokencut-bs":
             if rgb is None or rgb.shape[:2] != (height, width):
                 raise ValueError("method 'tokencut-bs' refines each mask on its image: pass rgb at (height, width)")
-            mask = resize_prob(raw.prob, (height, width)) > self.config.post.threshold
-            raw = replace(raw, prob=refine_mask(rgb, mask, self.bilateral))
+            raw = replace(raw, prob=refine_mask(rgb, raw.prob > self.config.post.threshold, self.bilateral))
         return finish_raw(raw, height, width, self.config.post)
 
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:

@@ -87,9 +87,14 @@ def test_eval_with_model_on_images(tiny_model, tmp_path, method):
     report = json.loads(report_path.read_text())
     assert report["n_images"] == 12 and report["method"] == method and report["random_backbone"] is True
     assert 0 <= report["maxF_dataset"] <= 1
-    assert report["border_rule_on"]["fine"]["IoU"] == report["IoU"]
-    # TokenCut as published has no border rule to switch off.
-    assert ("border_rule_off" in report) == (method == "sempart")
+    # TokenCut as published picks its foreground by its own seed rule, named as such;
+    # it has no border rule to switch on or off.
+    own_rule = "border_rule_on" if method == "sempart" else "tokencut_seed_rule"
+    expected_rules = ["border_rule_on", "border_rule_off"] if method == "sempart" else [own_rule]
+    assert report["rules"] == expected_rules and report["foreground_rule"] == own_rule
+    assert report[own_rule]["fine"]["IoU"] == report["IoU"]
+    assert [r for r in ("border_rule_on", "border_rule_off", "tokencut_seed_rule") if r in report] == expected_rules
+    assert own_rule in result.output
 
 
 def test_eval_usage_error_is_one_line(tmp_path):
