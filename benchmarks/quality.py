@@ -11,11 +11,16 @@ datasets are given, each folder in its official release layout:
                       ImageSets/Main/trainval.txt, which limits it to trainval)
     --voc12 DIR       VOCdevkit/VOC2012/, the same
     --coco20k DIR     images (images/train2014/, train2014/ or images/) and one COCO
-                      instances JSON (in DIR or DIR/annotations/) listing the 20k images
+                      train2014 instances JSON (in DIR or DIR/annotations/), with
+    --coco20k-list F  the list of the 19,817 COCO20k images: coco_20k_filenames.txt, from
+                      LOST's or TokenCut's repository (datasets/coco_20k_filenames.txt);
+                      without it no run is called COCO20k
 
 Salient-object datasets give Acc / IoU / maxF (both max-F conventions, see
-`sempart_core.metrics`); VOC and COCO give CorLoc. Published rows carry their source;
-figures not sourced here are shown as "n/a", not guessed.
+`sempart_core.metrics`), GT binarised by `--gt-binarize` (half: > 127, the default;
+nonzero: TokenCut's code); VOC and COCO20k give CorLoc (a COCO20k image without a
+non-crowd box counts as a miss, as in TokenCut's loop). Published rows carry their
+source; figures not sourced here are shown as "n/a", not guessed.
 
     python benchmarks/quality.py --model runs/model --duts-te data/DUTS-TE --ecssd data/ECSSD
     python benchmarks/quality.py --quick   # random tiny backbone on the shipped photos
@@ -33,8 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.annotations import read_coco_boxes, read_voc_boxes
-from pipeline.evaluate import evaluate_model
+from pipeline.annotations import BoxSet, read_coco_boxes, read_image_list, read_voc_boxes
+from pipeline.evaluate import GT_BINARIZE, evaluate_model
 from sempart_core.artifact import read_artifact, save_untrained_artifact
 from sempart_core.config import SempartConfig
 from sempart_core.predictor import predictor_from_artifact
@@ -103,7 +108,7 @@ class Split:
     name: str
     images: Path
     masks: Path | None = None
-    boxes: dict[str, list[list[float]]] | None = None
+    boxes: BoxSet | None = None
     stems: set[str] | None = None
 
 
@@ -129,17 +134,20 @@ def voc_split(name: str, root: Path) -> Split:
     return Split(name, _need(base / "JPEGImages", name), boxes=read_voc_boxes(base / "Annotations"), stems=stems)
 
 
-def coco_split(name: str, root: Path) -> Split:
+def coco_split(name: str, root: Path, listing: Path | None) -> Split:
+    if listing is None:
+        raise SystemExit(f"{name}: give --coco20k-list coco_20k_filenames.txt (LOST's or TokenCut's list of the "
+                         "19,817 train2014 images); without it the run would not be COCO20k")
     images = next((p for p in (root / "images" / "train2014", root / "train2014", root / "images") if p.is_dir()), None)
     jsons = sorted(root.glob("*.json")) + sorted((root / "annotations").glob("*.json"))
     if images is None or len(jsons) != 1:
         raise SystemExit(f"{name}: {root} needs an images folder and exactly one COCO .json "
                          f"(found {len(jsons)} .json files)")
-    return Split(name, images, boxes=read_coco_boxes(jsons[0]))
+    return Split(name, images, boxes=read_coco_boxes(jsons[0], read_image_list(listing)))
 
 
 def evaluate(model: str, splits: list[Split], methods: Sequence[str], device: str,
-             batch_size: int, limit: int | None) -> tuple[dict, dict]:
+             batch_size: int, limit: int | None, gt_binarize: str = "half") -> tuple[dict, dict]:
     """{dataset: {method: report}} for every split and method, and the model's metadata."""
     art = read_artifact(model)
     results: dict[str, dict[str, dict]] = {s.name: {} for s in splits}
@@ -148,10 +156,11 @@ def evaluate(model: str, splits: list[Split], methods: Sequence[str], device: st
         for split in splits:
             log.info("%s on %s", method, split.name)
             results[split.name][method] = evaluate_model(
-                predictor, split.images, split.masks, boxes=split.boxes, limit=limit, stems=split.stems)
+                predictor, split.images, split.masks, boxes=split.boxes, limit=limit, stems=split.stems,
+                gt_binarize=gt_binarize)
     cfg = art.config
     meta = {"model_id": art.model_id, "backbone": cfg.backbone.name, "image_size": cfg.data.image_size,
-            "random_backbone": bool(art.meta.get("random_backbone", False))}
+            "random_backbone": bool(art.meta.get("random_backbone", False)), "gt_binarize": gt_binarize}
     return results, meta
 
 
@@ -168,7 +177,9 @@ def our_figures(results: dict) -> dict:
                 figures = {k: round(100 * m[k], 1) for k in ("Acc", "IoU", "maxF_dataset", "maxF_image")}
                 figures["n_images"] = m["n_images"]
             elif dataset in CORLOC and kind == "fine" and rule in report.get("corloc", {}):
-                figures = {"CorLoc": round(100 * report["corloc"][rule], 1), "n_images": report["corloc"]["n_images"]}
+                c = report["corloc"]
+                figures = {"CorLoc": round(100 * c[rule], 1), "n_images": c["n_images"],
+                           "n_without_box": c["n_without_box_counted_as_miss"]}
             else:
                 continue
             rows.setdefault(label, {})[dataset] = figures
@@ -207,6 +218,7 @@ def format_table(rows: dict, datasets: list[str], meta: dict) -> str:
         f"Ours: model {meta['model_id'][:12]} ({weights}), backbone {meta['backbone']} at "
         f"{meta['image_size']} px; TokenCut rows use the same backbone and size. Figures in %; '-' = the "
         "paper does not report that convention.",
+        f"Ground truth: {GT_BINARIZE[meta['gt_binarize']]} (--gt-binarize {meta['gt_binarize']}).",
         "Sources: " + "; ".join(p.source for p in PUBLISHED) + ".",
         "Published TokenCut rows use ViT-S/16 at the image's own resolution.",
     ]
@@ -237,6 +249,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="model folder or URI (a trained SEMPART artifact)")
     for flag in ("duts-te", "ecssd", "dut-omron", "voc07", "voc12", "coco20k"):
         parser.add_argument(f"--{flag}", type=Path, metavar="DIR")
+    parser.add_argument("--coco20k-list", type=Path, metavar="FILE",
+                        help="coco_20k_filenames.txt (LOST/TokenCut): the COCO20k images; required with --coco20k")
+    parser.add_argument("--gt-binarize", choices=sorted(GT_BINARIZE), default="half",
+                        help="half: GT > 127 (default) | nonzero: any non-zero GT pixel (TokenCut's code)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -266,11 +282,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, root in given.items():
             if root is None:
                 continue
-            make = sod_split if name in SOD else voc_split if name.startswith("VOC") else coco_split
-            splits.append(make(name, Path(root)))
+            if name in SOD:
+                splits.append(sod_split(name, Path(root)))
+            elif name.startswith("VOC"):
+                splits.append(voc_split(name, Path(root)))
+            else:
+                splits.append(coco_split(name, Path(root), args.coco20k_list))
         if not splits:
             raise SystemExit("give at least one dataset folder (--duts-te DIR, ...)")
-        results, meta = evaluate(args.model, splits, args.methods, args.device, args.batch_size, args.limit)
+        results, meta = evaluate(args.model, splits, args.methods, args.device, args.batch_size, args.limit,
+                                 args.gt_binarize)
     rows = our_figures(results)
     print(format_table(rows, [s.name for s in splits], meta))
     published = {p.name: {"source": p.source, "maxF": p.maxf, **p.sod, **p.corloc} for p in PUBLISHED}
