@@ -54,23 +54,21 @@ SOD = ("DUTS-TE", "ECSSD", "DUT-OMRON")
 CORLOC = ("VOC07", "VOC12", "COCO20k")
 NA = None  # a published figure not sourced here
 
-TOKENCUT = "TokenCut, Wang et al., CVPR 2022 (arXiv:2202.11539), ViT-S/16"
-TOKENCUT_BS = "TokenCut + bilateral solver, same paper, ViT-S/16"
-SELFMASK = "SelfMask, Shin et al., CVPRW 2022 (arXiv:2203.07309)"
-FOUND = "FOUND, Simeoni et al., CVPR 2023 (arXiv:2212.07834): figures not sourced here"
-SEMPART = "SEMPART, Ravindran and Basu, ICCV 2023 (arXiv:2309.10972): figures not sourced here"
+TOKENCUT_README = "github.com/YangtaoWANG95/TokenCut README (paper: Wang et al., CVPR 2022, arXiv:2202.11539)"
 
 
 @dataclass(frozen=True)
 class Published:
     """A published row: (Acc, IoU, maxF) per SOD dataset in %, CorLoc per dataset in %.
 
-    ``maxf`` says which max-F convention the paper's maxF is: ``maxF_dataset`` (one
-    threshold for the dataset, beta^2 0.3), ``maxF_image`` (best threshold per image) or
-    ``unknown`` (not sourced here).
+    ``variant`` names what was run (backbone, single or multi mode, bilateral solver or
+    not) and ``source`` where the figures were read, or why there are none. ``maxf``
+    says which max-F convention the row's maxF is: ``maxF_dataset`` (one threshold for
+    the dataset, beta^2 0.3), ``maxF_image`` (best threshold per image) or ``unknown``.
     """
 
     name: str
+    variant: str
     source: str
     maxf: str
     sod: dict[str, tuple[float, float, float] | None]
@@ -78,17 +76,30 @@ class Published:
 
 
 PUBLISHED = (
-    Published("TokenCut", TOKENCUT, "maxF_dataset",
+    Published("TokenCut", "ViT-S/16 (DINO), no bilateral solver",
+              f"{TOKENCUT_README}: saliency table of section 4.2, CorLoc of section 4.1", "maxF_dataset",
               {"DUTS-TE": (90.3, 57.6, 67.2), "ECSSD": (91.8, 71.2, 80.3), "DUT-OMRON": (88.0, 53.3, 60.0)},
               {"VOC07": 68.8, "VOC12": 72.1, "COCO20k": 58.8}),
-    Published("TokenCut + BS", TOKENCUT_BS, "maxF_dataset",
+    Published("TokenCut", "ViT-S/8 (DINO), no bilateral solver, CorLoc only",
+              f"{TOKENCUT_README}: 'Different models' table of section 4.1", "unknown",
+              dict.fromkeys(SOD, NA), {"VOC07": 67.3, "VOC12": 71.6, "COCO20k": 60.7}),
+    Published("TokenCut + BS", "ViT-S/16 (DINO), with the bilateral solver",
+              f"{TOKENCUT_README}: saliency table of section 4.2", "maxF_dataset",
               {"DUTS-TE": (91.4, 62.4, 75.5), "ECSSD": (93.4, 77.2, 87.4), "DUT-OMRON": (89.7, 61.8, 69.7)},
               dict.fromkeys(CORLOC, NA)),
-    Published("SelfMask", SELFMASK, "maxF_image",
+    Published("SelfMask", "not stated by the source read (bilateral solver or not)",
+              "Papers with Code entry of Shin et al., CVPRW 2022 (arXiv:2203.12614); the paper's own table "
+              "was not read here", "maxF_image",
               {"DUTS-TE": (93.3, 66.0, 88.2), "ECSSD": (95.5, 81.8, 95.6), "DUT-OMRON": (91.9, 65.5, 85.2)},
               dict.fromkeys(CORLOC, NA)),
-    Published("FOUND", FOUND, "maxF_image", dict.fromkeys(SOD, NA), dict.fromkeys(CORLOC, NA)),
-    Published("SEMPART", SEMPART, "unknown", dict.fromkeys(SOD, NA), dict.fromkeys(CORLOC, NA)),
+    Published("FOUND", "single and multi mode, with and without the bilateral solver",
+              "Simeoni et al., CVPR 2023 (arXiv:2212.07834): not read here (the README of "
+              "github.com/valeoai/FOUND gives no figures)", "maxF_image",
+              dict.fromkeys(SOD, NA), dict.fromkeys(CORLOC, NA)),
+    Published("SEMPART", "ViT-S/8 (DINO), single forward pass",
+              "Ravindran and Basu, ICCV 2023 (arXiv:2309.10972): only the abstract was read (+3.7 maxF and "
+              "+2.7 IoU over the previous best, on average); its tables were not", "unknown",
+              dict.fromkeys(SOD, NA), dict.fromkeys(CORLOC, NA)),
 )
 
 # Our rows: label -> (method, foreground rule, map).
@@ -98,6 +109,13 @@ OUR_ROWS = {
     "SEMPART fine, no border rule": ("sempart", "border_rule_off", "fine"),
     "TokenCut (ours, same backbone)": ("tokencut", "tokencut_seed_rule", "fine"),
     "TokenCut + BS (ours, same backbone)": ("tokencut-bs", "tokencut_seed_rule", "fine"),
+}
+OUR_VARIANTS = {
+    "SEMPART fine (ours)": "fine map, border rule",
+    "SEMPART coarse (ours)": "coarse (patch) map, border rule",
+    "SEMPART fine, no border rule": "fine map, the rule's flip undone",
+    "TokenCut (ours, same backbone)": "seed rule, nearest upsampling, no bilateral solver",
+    "TokenCut + BS (ours, same backbone)": "seed rule, with the bilateral solver",
 }
 
 
@@ -193,17 +211,17 @@ def _cell(values: Sequence[float | None] | None) -> str:
 
 
 def format_table(rows: dict, datasets: list[str], meta: dict) -> str:
-    """Markdown table: our rows, then the published ones, for the datasets evaluated."""
+    """Markdown table: our rows, then the published ones, each with its variant and source."""
     sod = [d for d in SOD if d in datasets]
     corloc = [d for d in CORLOC if d in datasets]
-    header = (["method"] + [f"{d} Acc / IoU / maxF_dataset / maxF_image" for d in sod]
-              + [f"{d} CorLoc" for d in corloc])
+    header = (["method", "variant"] + [f"{d} Acc / IoU / maxF_dataset / maxF_image" for d in sod]
+              + [f"{d} CorLoc" for d in corloc] + ["source"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, figures in rows.items():
         cells = [_cell([figures[d][k] for k in ("Acc", "IoU", "maxF_dataset", "maxF_image")])
                  if d in figures else "n/a" for d in sod]
         cells += [_cell([figures[d]["CorLoc"]]) if d in figures else "n/a" for d in corloc]
-        lines.append("| " + " | ".join([label, *cells]) + " |")
+        lines.append("| " + " | ".join([label, OUR_VARIANTS[label], *cells, "this run"]) + " |")
     for pub in PUBLISHED:
         cells = []
         for d in sod:
@@ -211,17 +229,20 @@ def format_table(rows: dict, datasets: list[str], meta: dict) -> str:
             cells.append("n/a" if f is None else _cell(
                 [f[0], f[1], f[2] if pub.maxf == "maxF_dataset" else None, f[2] if pub.maxf == "maxF_image" else None]))
         cells += ["n/a" if pub.corloc[d] is None else _cell([pub.corloc[d]]) for d in corloc]
-        lines.append("| " + " | ".join([f"{pub.name} (published)", *cells]) + " |")
+        lines.append("| " + " | ".join([f"{pub.name} (published)", pub.variant, *cells, pub.source]) + " |")
     weights = "RANDOM backbone (plumbing check, figures meaningless)" if meta["random_backbone"] else "trained"
     lines += [
         "",
         f"Ours: model {meta['model_id'][:12]} ({weights}), backbone {meta['backbone']} at "
         f"{meta['image_size']} px; TokenCut rows use the same backbone and size. Figures in %; '-' = the "
-        "paper does not report that convention.",
+        "source does not report that convention; n/a = no figure from a source read here.",
         f"Ground truth: {GT_BINARIZE[meta['gt_binarize']]} (--gt-binarize {meta['gt_binarize']}).",
-        "Sources: " + "; ".join(p.source for p in PUBLISHED) + ".",
-        "Published TokenCut rows use ViT-S/16 at the image's own resolution.",
+        "Published TokenCut rows run at the image's own resolution.",
     ]
+    coco = next((f["COCO20k"] for f in rows.values() if "COCO20k" in f), None)
+    if coco is not None:
+        lines.append(f"COCO20k: {coco['n_images']} images, {coco['n_without_box']} without a non-crowd box "
+                     "counted as misses (as TokenCut's loop).")
     return "\n".join(lines)
 
 
@@ -294,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  args.gt_binarize)
     rows = our_figures(results)
     print(format_table(rows, [s.name for s in splits], meta))
-    published = {p.name: {"source": p.source, "maxF": p.maxf, **p.sod, **p.corloc} for p in PUBLISHED}
+    published = [{"name": p.name, "variant": p.variant, "source": p.source, "maxF": p.maxf, **p.sod, **p.corloc}
+                 for p in PUBLISHED]
     print(json.dumps({**meta, "methods": args.methods, "ours": rows, "published": published}))
     return 0
 

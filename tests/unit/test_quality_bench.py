@@ -74,11 +74,25 @@ def test_quick_table_and_json(box_sets, capsys) -> None:
             assert by_dataset["COCO20k"]["n_images"] == 6  # the listed ones, not every image of the JSON
             assert by_dataset["COCO20k"]["n_without_box"] == 1
             assert 0 <= by_dataset["VOC07"]["CorLoc"] <= 100
-    # Published rows, with their sources; unknown figures are n/a, not invented.
-    assert "| TokenCut (published) | 90.3 / 57.6 / 67.2 / - |" in table
-    assert "| SelfMask (published) | 93.3 / 66.0 / - / 88.2 |" in table
-    assert "| FOUND (published) | n/a |" in table
-    assert "arXiv:2202.11539" in table and figures["published"]["TokenCut"]["VOC07"] == 68.8
+    # Published rows, each with its variant and source; unknown figures are n/a, not invented.
+    rows = [line.strip("| ").split(" | ") for line in table.splitlines() if "(published)" in line]
+    by_variant = {(r[0], r[1]): r[2:] for r in rows}
+    assert by_variant["TokenCut (published)", "ViT-S/16 (DINO), no bilateral solver"][:3] == [
+        "90.3 / 57.6 / 67.2 / -", "68.8", "58.8"]
+    assert by_variant["TokenCut (published)", "ViT-S/8 (DINO), no bilateral solver, CorLoc only"][:3] == [
+        "n/a", "67.3", "60.7"]  # the default backbone is S/8
+    assert by_variant["SelfMask (published)", "not stated by the source read (bilateral solver or not)"][0] == (
+        "93.3 / 66.0 / - / 88.2")
+    assert all(r[-1] for r in rows) and all(len(r) == 6 for r in rows)  # every row has a source
+    assert "not read here" in by_variant["FOUND (published)", "single and multi mode, with and without the "
+                                         "bilateral solver"][-1]
+    assert "YangtaoWANG95/TokenCut README" in table
+    ours = [line for line in table.splitlines() if "| this run |" in line]
+    assert len(ours) == len(quality.OUR_ROWS)
+    assert "COCO20k: 6 images, 1 without a non-crowd box counted as misses" in table
+    assert "GT above half its full scale" in table
+    published = {(p["name"], p["variant"]): p for p in figures["published"]}
+    assert published["TokenCut", "ViT-S/8 (DINO), no bilateral solver, CorLoc only"]["COCO20k"] == 60.7
 
 
 def test_coco20k_needs_its_image_list(box_sets) -> None:
