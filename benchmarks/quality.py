@@ -11,11 +11,16 @@ datasets are given, each folder in its official release layout:
                       ImageSets/Main/trainval.txt, which limits it to trainval)
     --voc12 DIR       VOCdevkit/VOC2012/, the same
     --coco20k DIR     images (images/train2014/, train2014/ or images/) and one COCO
-                      instances JSON (in DIR or DIR/annotations/) listing the 20k images
+                      train2014 instances JSON (in DIR or DIR/annotations/), with
+    --coco20k-list F  the list of the 19,817 COCO20k images: coco_20k_filenames.txt, from
+                      LOST's or TokenCut's repository (datasets/coco_20k_filenames.txt);
+                      without it no run is called COCO20k
 
 Salient-object datasets give Acc / IoU / maxF (both max-F conventions, see
-`sempart_core.metrics`); VOC and COCO give CorLoc. Published rows carry their source;
-figures not sourced here are shown as "n/a", not guessed.
+`sempart_core.metrics`), GT binarised by `--gt-binarize` (half: > 127, the default;
+nonzero: TokenCut's code); VOC and COCO20k give CorLoc (a COCO20k image without a
+non-crowd box counts as a miss, as in TokenCut's loop). Published rows carry their
+source; figures not sourced here are shown as "n/a", not guessed.
 
     python benchmarks/quality.py --model runs/model --duts-te data/DUTS-TE --ecssd data/ECSSD
     python benchmarks/quality.py --quick   # random tiny backbone on the shipped photos
@@ -33,8 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.annotations import read_coco_boxes, read_voc_boxes
-from pipeline.evaluate import evaluate_model
+from pipeline.annotations import BoxSet, read_coco_boxes, read_image_list, read_voc_boxes
+from pipeline.evaluate import GT_BINARIZE, evaluate_model
 from sempart_core.artifact import read_artifact, save_untrained_artifact
 from sempart_core.config import SempartConfig
 from sempart_core.predictor import predictor_from_artifact
@@ -49,23 +54,21 @@ SOD = ("DUTS-TE", "ECSSD", "DUT-OMRON")
 CORLOC = ("VOC07", "VOC12", "COCO20k")
 NA = None  # a published figure not sourced here
 
-TOKENCUT = "TokenCut, Wang et al., CVPR 2022 (arXiv:2202.11539), ViT-S/16"
-TOKENCUT_BS = "TokenCut + bilateral solver, same paper, ViT-S/16"
-SELFMASK = "SelfMask, Shin et al., CVPRW 2022 (arXiv:2203.07309)"
-FOUND = "FOUND, Simeoni et al., CVPR 2023 (arXiv:2212.07834): figures not sourced here"
-SEMPART = "SEMPART, Ravindran and Basu, ICCV 2023 (arXiv:2309.10972): figures not sourced here"
+TOKENCUT_README = "github.com/YangtaoWANG95/TokenCut README (paper: Wang et al., CVPR 2022, arXiv:2202.11539)"
 
 
 @dataclass(frozen=True)
 class Published:
     """A published row: (Acc, IoU, maxF) per SOD dataset in %, CorLoc per dataset in %.
 
-    ``maxf`` says which max-F convention the paper's maxF is: ``maxF_dataset`` (one
-    threshold for the dataset, beta^2 0.3), ``maxF_image`` (best threshold per image) or
-    ``unknown`` (not sourced here).
+    ``variant`` names what was run (backbone, single or multi mode, bilateral solver or
+    not) and ``source`` where the figures were read, or why there are none. ``maxf``
+    says which max-F convention the row's maxF is: ``maxF_dataset`` (one threshold for
+    the dataset, beta^2 0.3), ``maxF_image`` (best threshold per image) or ``unknown``.
     """
 
     name: str
+    variant: str
     source: str
     maxf: str
     sod: dict[str, tuple[float, float, float] | None]
@@ -73,17 +76,30 @@ class Published:
 
 
 PUBLISHED = (
-    Published("TokenCut", TOKENCUT, "maxF_dataset",
+    Published("TokenCut", "ViT-S/16 (DINO), no bilateral solver",
+              f"{TOKENCUT_README}: saliency table of section 4.2, CorLoc of section 4.1", "maxF_dataset",
               {"DUTS-TE": (90.3, 57.6, 67.2), "ECSSD": (91.8, 71.2, 80.3), "DUT-OMRON": (88.0, 53.3, 60.0)},
               {"VOC07": 68.8, "VOC12": 72.1, "COCO20k": 58.8}),
-    Published("TokenCut + BS", TOKENCUT_BS, "maxF_dataset",
+    Published("TokenCut", "ViT-S/8 (DINO), no bilateral solver, CorLoc only",
+              f"{TOKENCUT_README}: 'Different models' table of section 4.1", "unknown",
+              dict.fromkeys(SOD, NA), {"VOC07": 67.3, "VOC12": 71.6, "COCO20k": 60.7}),
+    Published("TokenCut + BS", "ViT-S/16 (DINO), with the bilateral solver",
+              f"{TOKENCUT_README}: saliency table of section 4.2", "maxF_dataset",
               {"DUTS-TE": (91.4, 62.4, 75.5), "ECSSD": (93.4, 77.2, 87.4), "DUT-OMRON": (89.7, 61.8, 69.7)},
               dict.fromkeys(CORLOC, NA)),
-    Published("SelfMask", SELFMASK, "maxF_image",
+    Published("SelfMask", "not stated by the source read (bilateral solver or not)",
+              "Papers with Code entry of Shin et al., CVPRW 2022 (arXiv:2203.12614); the paper's own table "
+              "was not read here", "maxF_image",
               {"DUTS-TE": (93.3, 66.0, 88.2), "ECSSD": (95.5, 81.8, 95.6), "DUT-OMRON": (91.9, 65.5, 85.2)},
               dict.fromkeys(CORLOC, NA)),
-    Published("FOUND", FOUND, "maxF_image", dict.fromkeys(SOD, NA), dict.fromkeys(CORLOC, NA)),
-    Published("SEMPART", SEMPART, "unknown", dict.fromkeys(SOD, NA), dict.fromkeys(CORLOC, NA)),
+    Published("FOUND", "single and multi mode, with and without the bilateral solver",
+              "Simeoni et al., CVPR 2023 (arXiv:2212.07834): not read here (the README of "
+              "github.com/valeoai/FOUND gives no figures)", "maxF_image",
+              dict.fromkeys(SOD, NA), dict.fromkeys(CORLOC, NA)),
+    Published("SEMPART", "ViT-S/8 (DINO), single forward pass",
+              "Ravindran and Basu, ICCV 2023 (arXiv:2309.10972): only the abstract was read (+3.7 maxF and "
+              "+2.7 IoU over the previous best, on average); its tables were not", "unknown",
+              dict.fromkeys(SOD, NA), dict.fromkeys(CORLOC, NA)),
 )
 
 # Our rows: label -> (method, foreground rule, map).
@@ -91,8 +107,15 @@ OUR_ROWS = {
     "SEMPART fine (ours)": ("sempart", "border_rule_on", "fine"),
     "SEMPART coarse (ours)": ("sempart", "border_rule_on", "coarse"),
     "SEMPART fine, no border rule": ("sempart", "border_rule_off", "fine"),
-    "TokenCut (ours, same backbone)": ("tokencut", "border_rule_on", "fine"),
-    "TokenCut + BS (ours, same backbone)": ("tokencut-bs", "border_rule_on", "fine"),
+    "TokenCut (ours, same backbone)": ("tokencut", "tokencut_seed_rule", "fine"),
+    "TokenCut + BS (ours, same backbone)": ("tokencut-bs", "tokencut_seed_rule", "fine"),
+}
+OUR_VARIANTS = {
+    "SEMPART fine (ours)": "fine map, border rule",
+    "SEMPART coarse (ours)": "coarse (patch) map, border rule",
+    "SEMPART fine, no border rule": "fine map, the rule's flip undone",
+    "TokenCut (ours, same backbone)": "seed rule, nearest upsampling, no bilateral solver",
+    "TokenCut + BS (ours, same backbone)": "seed rule, with the bilateral solver",
 }
 
 
@@ -103,7 +126,7 @@ class Split:
     name: str
     images: Path
     masks: Path | None = None
-    boxes: dict[str, list[list[float]]] | None = None
+    boxes: BoxSet | None = None
     stems: set[str] | None = None
 
 
@@ -129,17 +152,20 @@ def voc_split(name: str, root: Path) -> Split:
     return Split(name, _need(base / "JPEGImages", name), boxes=read_voc_boxes(base / "Annotations"), stems=stems)
 
 
-def coco_split(name: str, root: Path) -> Split:
+def coco_split(name: str, root: Path, listing: Path | None) -> Split:
+    if listing is None:
+        raise SystemExit(f"{name}: give --coco20k-list coco_20k_filenames.txt (LOST's or TokenCut's list of the "
+                         "19,817 train2014 images); without it the run would not be COCO20k")
     images = next((p for p in (root / "images" / "train2014", root / "train2014", root / "images") if p.is_dir()), None)
     jsons = sorted(root.glob("*.json")) + sorted((root / "annotations").glob("*.json"))
     if images is None or len(jsons) != 1:
         raise SystemExit(f"{name}: {root} needs an images folder and exactly one COCO .json "
                          f"(found {len(jsons)} .json files)")
-    return Split(name, images, boxes=read_coco_boxes(jsons[0]))
+    return Split(name, images, boxes=read_coco_boxes(jsons[0], read_image_list(listing)))
 
 
 def evaluate(model: str, splits: list[Split], methods: Sequence[str], device: str,
-             batch_size: int, limit: int | None) -> tuple[dict, dict]:
+             batch_size: int, limit: int | None, gt_binarize: str = "half") -> tuple[dict, dict]:
     """{dataset: {method: report}} for every split and method, and the model's metadata."""
     art = read_artifact(model)
     results: dict[str, dict[str, dict]] = {s.name: {} for s in splits}
@@ -148,10 +174,11 @@ def evaluate(model: str, splits: list[Split], methods: Sequence[str], device: st
         for split in splits:
             log.info("%s on %s", method, split.name)
             results[split.name][method] = evaluate_model(
-                predictor, split.images, split.masks, boxes=split.boxes, limit=limit, stems=split.stems)
+                predictor, split.images, split.masks, boxes=split.boxes, limit=limit, stems=split.stems,
+                gt_binarize=gt_binarize)
     cfg = art.config
     meta = {"model_id": art.model_id, "backbone": cfg.backbone.name, "image_size": cfg.data.image_size,
-            "random_backbone": bool(art.meta.get("random_backbone", False))}
+            "random_backbone": bool(art.meta.get("random_backbone", False)), "gt_binarize": gt_binarize}
     return results, meta
 
 
@@ -168,7 +195,9 @@ def our_figures(results: dict) -> dict:
                 figures = {k: round(100 * m[k], 1) for k in ("Acc", "IoU", "maxF_dataset", "maxF_image")}
                 figures["n_images"] = m["n_images"]
             elif dataset in CORLOC and kind == "fine" and rule in report.get("corloc", {}):
-                figures = {"CorLoc": round(100 * report["corloc"][rule], 1), "n_images": report["corloc"]["n_images"]}
+                c = report["corloc"]
+                figures = {"CorLoc": round(100 * c[rule], 1), "n_images": c["n_images"],
+                           "n_without_box": c["n_without_box_counted_as_miss"]}
             else:
                 continue
             rows.setdefault(label, {})[dataset] = figures
@@ -182,17 +211,17 @@ def _cell(values: Sequence[float | None] | None) -> str:
 
 
 def format_table(rows: dict, datasets: list[str], meta: dict) -> str:
-    """Markdown table: our rows, then the published ones, for the datasets evaluated."""
+    """Markdown table: our rows, then the published ones, each with its variant and source."""
     sod = [d for d in SOD if d in datasets]
     corloc = [d for d in CORLOC if d in datasets]
-    header = (["method"] + [f"{d} Acc / IoU / maxF_dataset / maxF_image" for d in sod]
-              + [f"{d} CorLoc" for d in corloc])
+    header = (["method", "variant"] + [f"{d} Acc / IoU / maxF_dataset / maxF_image" for d in sod]
+              + [f"{d} CorLoc" for d in corloc] + ["source"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, figures in rows.items():
         cells = [_cell([figures[d][k] for k in ("Acc", "IoU", "maxF_dataset", "maxF_image")])
                  if d in figures else "n/a" for d in sod]
         cells += [_cell([figures[d]["CorLoc"]]) if d in figures else "n/a" for d in corloc]
-        lines.append("| " + " | ".join([label, *cells]) + " |")
+        lines.append("| " + " | ".join([label, OUR_VARIANTS[label], *cells, "this run"]) + " |")
     for pub in PUBLISHED:
         cells = []
         for d in sod:
@@ -200,16 +229,20 @@ def format_table(rows: dict, datasets: list[str], meta: dict) -> str:
             cells.append("n/a" if f is None else _cell(
                 [f[0], f[1], f[2] if pub.maxf == "maxF_dataset" else None, f[2] if pub.maxf == "maxF_image" else None]))
         cells += ["n/a" if pub.corloc[d] is None else _cell([pub.corloc[d]]) for d in corloc]
-        lines.append("| " + " | ".join([f"{pub.name} (published)", *cells]) + " |")
+        lines.append("| " + " | ".join([f"{pub.name} (published)", pub.variant, *cells, pub.source]) + " |")
     weights = "RANDOM backbone (plumbing check, figures meaningless)" if meta["random_backbone"] else "trained"
     lines += [
         "",
         f"Ours: model {meta['model_id'][:12]} ({weights}), backbone {meta['backbone']} at "
         f"{meta['image_size']} px; TokenCut rows use the same backbone and size. Figures in %; '-' = the "
-        "paper does not report that convention.",
-        "Sources: " + "; ".join(p.source for p in PUBLISHED) + ".",
-        "Published TokenCut rows use ViT-S/16 at the image's own resolution.",
+        "source does not report that convention; n/a = no figure from a source read here.",
+        f"Ground truth: {GT_BINARIZE[meta['gt_binarize']]} (--gt-binarize {meta['gt_binarize']}).",
+        "Published TokenCut rows run at the image's own resolution.",
     ]
+    coco = next((f["COCO20k"] for f in rows.values() if "COCO20k" in f), None)
+    if coco is not None:
+        lines.append(f"COCO20k: {coco['n_images']} images, {coco['n_without_box']} without a non-crowd box "
+                     "counted as misses (as TokenCut's loop).")
     return "\n".join(lines)
 
 
@@ -237,6 +270,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="model folder or URI (a trained SEMPART artifact)")
     for flag in ("duts-te", "ecssd", "dut-omron", "voc07", "voc12", "coco20k"):
         parser.add_argument(f"--{flag}", type=Path, metavar="DIR")
+    parser.add_argument("--coco20k-list", type=Path, metavar="FILE",
+                        help="coco_20k_filenames.txt (LOST/TokenCut): the COCO20k images; required with --coco20k")
+    parser.add_argument("--gt-binarize", choices=sorted(GT_BINARIZE), default="half",
+                        help="half: GT > 127 (default) | nonzero: any non-zero GT pixel (TokenCut's code)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -266,14 +303,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, root in given.items():
             if root is None:
                 continue
-            make = sod_split if name in SOD else voc_split if name.startswith("VOC") else coco_split
-            splits.append(make(name, Path(root)))
+            if name in SOD:
+                splits.append(sod_split(name, Path(root)))
+            elif name.startswith("VOC"):
+                splits.append(voc_split(name, Path(root)))
+            else:
+                splits.append(coco_split(name, Path(root), args.coco20k_list))
         if not splits:
             raise SystemExit("give at least one dataset folder (--duts-te DIR, ...)")
-        results, meta = evaluate(args.model, splits, args.methods, args.device, args.batch_size, args.limit)
+        results, meta = evaluate(args.model, splits, args.methods, args.device, args.batch_size, args.limit,
+                                 args.gt_binarize)
     rows = our_figures(results)
     print(format_table(rows, [s.name for s in splits], meta))
-    published = {p.name: {"source": p.source, "maxF": p.maxf, **p.sod, **p.corloc} for p in PUBLISHED}
+    published = [{"name": p.name, "variant": p.variant, "source": p.source, "maxF": p.maxf, **p.sod, **p.corloc}
+                 for p in PUBLISHED]
     print(json.dumps({**meta, "methods": args.methods, "ours": rows, "published": published}))
     return 0
 

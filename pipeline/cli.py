@@ -101,38 +101,52 @@ def init_model(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    gt: Optional[Path] = typer.Option(None, "--gt", help="Folder of ground-truth masks (PNG, >127 = object)."),
-    boxes: Optional[Path] = typer.Option(None, "--boxes", help="Ground-truth boxes for CorLoc: a VOC Annotations folder or a COCO .json (with --model)."),
+    gt: Optional[Path] = typer.Option(None, "--gt", help="Folder of ground-truth masks (PNG; binarised by --gt-binarize)."),
+    boxes: Optional[Path] = typer.Option(None, "--boxes", help="Ground-truth boxes for CorLoc: a VOC Annotations folder or a COCO .json."),
+    coco20k_list: Optional[Path] = typer.Option(None, "--coco20k-list", help="coco_20k_filenames.txt (LOST/TokenCut): score exactly the COCO20k images of a COCO train2014 --boxes JSON."),
+    gt_binarize: str = typer.Option("half", "--gt-binarize", help="half: GT > 127 (classic SOD) | nonzero: any non-zero GT pixel (TokenCut's code)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or URI (with --images)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images to predict."),
-    pred: Optional[Path] = typer.Option(None, "--pred", help="Folder of predicted maps (PNG/.npy)."),
+    pred: Optional[Path] = typer.Option(None, "--pred", help="Folder of predicted maps (PNG/.npy), at the image's size for --boxes."),
     method: str = typer.Option("sempart", help="sempart | tokencut (TokenCut as published, on the model's backbone) | tokencut-bs (TokenCut + bilateral solver)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the precision-recall curve PNG."),
     limit: Optional[int] = typer.Option(None, help="Evaluate at most N images."),
     batch_size: int = typer.Option(8, help="Images per forward pass."),
+    max_batch_tokens: int = typer.Option(
+        DEFAULT_MAX_BATCH_TOKENS, "--max-batch-tokens",
+        help="Most backbone tokens in one model call; a call out of memory is split in halves."),
 ) -> None:
     """Score masks like the salient-object literature (Acc, IoU, MAE, maxF both conventions;
     coarse and fine, border rule on and off) and boxes like object discovery (CorLoc)."""
     from pipeline.annotations import read_boxes
-    from pipeline.evaluate import evaluate_dirs, evaluate_model, format_report, write_pr_plot, write_report
+    from pipeline.evaluate import GT_BINARIZE, evaluate_dirs, evaluate_model, format_report, write_pr_plot, write_report
+    from sempart_core.batching import ImageOutOfMemory
 
     if (pred is None) == (model is None) or (model is not None and images is None):
         raise UsageError("give either --pred DIR, or --model MODEL with --images DIR")
-    if gt is None and (pred is not None or boxes is None):
-        raise UsageError("give --gt MASKS (and/or --boxes ANNOTATIONS with --model)")
-    if boxes is not None and pred is not None:
-        raise UsageError("--boxes needs --model: CorLoc scores the boxes of the model's masks")
+    if gt is None and boxes is None:
+        raise UsageError("give --gt MASKS and/or --boxes ANNOTATIONS")
+    if coco20k_list is not None and boxes is None:
+        raise UsageError("--coco20k-list selects images of --boxes COCO.json: give both")
+    if gt_binarize not in GT_BINARIZE:
+        raise UsageError(f"--gt-binarize: use one of {', '.join(GT_BINARIZE)}, not {gt_binarize!r}")
     if plot is not None and gt is None:
         raise UsageError("--plot needs --gt: the PR curve is over masks")
+    if max_batch_tokens < 1:
+        raise UsageError(f"--max-batch-tokens must be at least 1, got {max_batch_tokens}")
+    gt_boxes = read_boxes(boxes, coco20k_list) if boxes is not None else None
     if pred is not None:
-        report = evaluate_dirs(pred, gt)
+        report = evaluate_dirs(pred, gt, boxes=gt_boxes, gt_binarize=gt_binarize)
     else:
         from sempart_core.predictor import load_predictor
 
-        gt_boxes = read_boxes(boxes) if boxes is not None else None
         predictor = load_predictor(model, method=method, batch_size=batch_size)
-        report = evaluate_model(predictor, images, gt, boxes=gt_boxes, limit=limit)
+        predictor.max_batch_tokens = max_batch_tokens
+        try:
+            report = evaluate_model(predictor, images, gt, boxes=gt_boxes, limit=limit, gt_binarize=gt_binarize)
+        except ImageOutOfMemory as exc:
+            raise UsageError(f"{exc}: lower --max-batch-tokens or use a bigger device") from exc
     if json_out:
         write_report(report, json_out)
     if plot:

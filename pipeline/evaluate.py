@@ -1,12 +1,19 @@
 """Score predicted masks against ground-truth masks and boxes; write a JSON report and a PR plot.
 
 Predictions and GT are matched by file stem (`0001.png` <-> `0001.png` / `0001.npy`).
-Folder-based evaluation (`sempart eval --pred`) scores the given maps. Model-based
+Folder-based evaluation (`sempart eval --pred`) scores the given maps: against masks,
+and by CorLoc of each map's main box (the largest 8-connected component of map > 0.5,
+as the predictor takes it) against boxes. Model-based
 evaluation (`sempart eval --model`) scores, side by side, the fine and the coarse map
-(the coarse one upsampled to the GT's size), each with the border rule on (what the
-method outputs) and off (the rule's flip undone), and CorLoc of the main box when GT
-boxes are given. The fine map with the rule on is the method's output: its figures are
-also the report's top-level keys, as in a folder-based report.
+(the coarse one upsampled to the GT's size) under each foreground rule the method has:
+SEMPART's border rule on (what the method outputs) and off (the rule's flip undone), or
+TokenCut's own seed rule, named as such; and CorLoc of the main box when GT boxes are
+given. The fine map under the method's own rule is its output: its figures are also the
+report's top-level keys, as in a folder-based report.
+
+Both follow the datasets' conventions: images are decoded as stored, without their EXIF
+orientation (the masks and boxes were drawn on the stored pixels, and LOST/TokenCut read
+them so), and the GT mask is binarised by the rule chosen (`GT_BINARIZE`).
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from pipeline.annotations import BoxSet
 from sempart_core.metrics import SODMetrics, corloc
 from sempart_core.postprocess import Prediction, connected_boxes, resize_prob
 
@@ -27,6 +35,12 @@ logger = logging.getLogger(__name__)
 MASK_SUFFIXES = frozenset({".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"})
 PRED_SUFFIXES = MASK_SUFFIXES | {".npy"}
 _MAX_LISTED = 10  # stems named in logs and reports; the counts are always complete
+# How a GT mask becomes bool: each protocol's rule, named in the report.
+GT_BINARIZE = {
+    "half": "GT above half its full scale (> 127 of 255): classic salient-object evaluation",
+    "nonzero": "any non-zero GT pixel is object: TokenCut's evaluation code",
+}
+MAIN_BOX_THRESHOLD = 0.5  # a given map's main box is taken at the predictor's default threshold
 
 
 def _read_gray(path: Path) -> tuple[np.ndarray, int]:
@@ -38,10 +52,13 @@ def _read_gray(path: Path) -> tuple[np.ndarray, int]:
         return np.asarray(img.convert("L")), 255
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a GT mask as bool: values above half scale (> 127 for 8-bit PNGs)."""
+def read_mask(path: str | Path, binarize: str = "half") -> np.ndarray:
+    """Read a GT mask as bool by a `GT_BINARIZE` rule: values above half scale (> 127
+    for 8-bit PNGs), or any non-zero value."""
+    if binarize not in GT_BINARIZE:
+        raise ValueError(f"unknown GT binarisation {binarize!r}: use one of {', '.join(GT_BINARIZE)}")
     arr, full = _read_gray(Path(path))
-    return arr > full // 2
+    return arr > (full // 2 if binarize == "half" else 0)
 
 
 def read_prediction(path: str | Path) -> np.ndarray:
@@ -122,27 +139,80 @@ def evaluate_predictions(pairs: Iterable[tuple[str, np.ndarray, np.ndarray]]) ->
     return metrics.result()
 
 
-def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path) -> dict:
-    """Score a folder of predictions against a folder of GT masks; metrics plus counts."""
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    pairs, missing, n_pred = _match(pred_dir, gt_dir)
-    report = evaluate_predictions(
-        (stem, read_prediction(pred_path), read_mask(gt_path)) for stem, pred_path, gt_path in pairs
-    )
-    report.update(
-        pred_dir=str(pred_dir),
-        gt_dir=str(gt_dir),
-        n_gt=len(pairs) + len(missing),
-        n_predictions=n_pred,
-        n_missing=len(missing),
-        missing_examples=missing[:_MAX_LISTED],
-    )
+def evaluate_dirs(
+    pred_dir: str | Path, gt_dir: str | Path | None = None, boxes: BoxSet | None = None, gt_binarize: str = "half"
+) -> dict:
+    """Score a folder of predicted maps against a folder of GT masks (metrics plus
+    counts), against GT boxes (CorLoc of each map's main box), or both."""
+    if gt_dir is None and boxes is None:
+        raise ValueError("give ground-truth masks, boxes, or both")
+    pred_dir = Path(pred_dir)
+    report: dict = {"pred_dir": str(pred_dir)}
+    if gt_dir is not None:
+        gt_dir = Path(gt_dir)
+        pairs, missing, n_pred = _match(pred_dir, gt_dir)
+        report.update(evaluate_predictions(
+            (stem, read_prediction(pred), read_mask(gt, gt_binarize)) for stem, pred, gt in pairs
+        ))
+        report.update(
+            gt_dir=str(gt_dir),
+            gt_binarize=gt_binarize,
+            n_gt=len(pairs) + len(missing),
+            n_predictions=n_pred,
+            n_missing=len(missing),
+            missing_examples=missing[:_MAX_LISTED],
+        )
+    if boxes is not None:
+        report.update(corloc_of_maps(pred_dir, boxes))
     return report
+
+
+def main_box(prob: np.ndarray, threshold: float = MAIN_BOX_THRESHOLD) -> list[float] | None:
+    """The box of the largest 8-connected component of prob > threshold, as `Prediction.box`."""
+    return connected_boxes(prob > threshold, 1)[0]
+
+
+def corloc_of_maps(pred_dir: Path, boxes: BoxSet) -> dict:
+    """CorLoc of given maps: each map's main box against its image's GT boxes.
+
+    A map of another size than the one its annotation records is resized to it first
+    (boxes are in the annotated pixels), as the predictor resizes its map to the image.
+    """
+    preds = _index_by_stem(pred_dir, PRED_SUFFIXES, "prediction")
+    missing = _require_all(boxes, set(preds), "prediction")
+    stems = sorted(s for s in boxes.boxes if s in preds)
+    if not stems:
+        raise ValueError(f"no prediction in {pred_dir} matches an image with ground-truth boxes by file stem")
+    pred_boxes = []
+    for stem in stems:
+        prob = read_prediction(preds[stem])
+        size = boxes.sizes.get(stem, prob.shape)
+        pred_boxes.append(main_box(resize_prob(prob, size)))
+    value = corloc(pred_boxes, [boxes.boxes[s] for s in stems])
+    details = {"n_images": len(stems), "n_missing": len(missing), "main_box": "largest 8-connected component of map > 0.5"}
+    return {"CorLoc": value, "corloc": {**details, **boxes.describe()}}
+
+
+def _require_all(boxes: BoxSet, have: set[str], what: str) -> list[str]:
+    """Stems of `boxes` without a `what`: an error for a set that must be scored whole
+    (COCO20k), otherwise logged and returned (those images are not scored)."""
+    missing = sorted(set(boxes.boxes) - have)
+    if missing:
+        message = (f"{len(missing)} of the {len(boxes.boxes)} {boxes.name} images with ground-truth boxes "
+                   f"have no {what} (e.g. {', '.join(missing[:3])})")
+        if boxes.complete:
+            raise ValueError(f"{message}; {boxes.name} is scored on all of its images")
+        logger.warning("%s; they are not scored", message)
+    return missing
 
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 MAPS = ("fine", "coarse")
-RULES = ("border_rule_on", "border_rule_off")
+# Foreground rules, the method's own first: SEMPART's border rule (and its flip undone),
+# TokenCut's seed rule (the side holding the largest |Fiedler| entry).
+BORDER_RULES = ("border_rule_on", "border_rule_off")
+TOKENCUT_RULES = ("tokencut_seed_rule",)
+RULES = BORDER_RULES + TOKENCUT_RULES
 _PERCENT = ("Acc", "IoU", "maxF_dataset", "maxF_image")  # printed in %, MAE as a fraction
 
 
@@ -154,13 +224,13 @@ def metric_scalars(result: dict) -> dict:
 class ModelScores:
     """Streaming scores of a model's predictions, for every map and foreground rule.
 
-    Per image: the fine and coarse maps as predicted (border rule on) and with the flip
-    undone where the rule flipped (border rule off, only when ``border_rule`` says the
-    method has the rule); the main box of each rule's fine mask for CorLoc.
+    Per image: the fine and coarse maps as predicted (the method's own rule, first in
+    ``rules``) and, for ``border_rule_off``, with the flip undone where the border rule
+    flipped; the main box of each rule's fine mask for CorLoc.
     """
 
-    def __init__(self, masks: bool, boxes: bool, border_rule: bool, threshold: float):
-        self.rules = RULES if border_rule else RULES[:1]
+    def __init__(self, masks: bool, boxes: bool, rules: tuple[str, ...], threshold: float):
+        self.rules = rules
         self.threshold = threshold
         self.sod = {(r, m): SODMetrics() for r in self.rules for m in MAPS} if masks else {}
         self.pred_boxes: dict[str, list] = {r: [] for r in self.rules} if boxes else {}
@@ -180,7 +250,7 @@ class ModelScores:
                 self.sod[rule, "fine"].update(resize_prob(fine, gt.shape[:2]), gt)
                 self.sod[rule, "coarse"].update(resize_prob(coarse, gt.shape[:2]), gt)
             if self.pred_boxes:
-                box = connected_boxes(fine > self.threshold, 1)[0] if undo else pred.box
+                box = main_box(fine, self.threshold) if undo else pred.box
                 self.pred_boxes[rule].append(box)
         if self.pred_boxes:
             self.gt_boxes.append(gt_boxes)
@@ -188,7 +258,7 @@ class ModelScores:
     def result(self) -> dict:
         report: dict = {"rules": list(self.rules), "n_border_flipped": self.n_flipped}
         if self.sod:
-            main = self.sod["border_rule_on", "fine"].result()
+            main = self.sod[self.rules[0], "fine"].result()
             report.update(main)  # the method's output, as in a folder-based report
             for rule in self.rules:
                 report[rule] = {m: metric_scalars(self.sod[rule, m].result()) for m in MAPS}
@@ -197,7 +267,7 @@ class ModelScores:
                 "n_images": len(self.gt_boxes),
                 **{rule: corloc(self.pred_boxes[rule], self.gt_boxes) for rule in self.rules},
             }
-            report["CorLoc"] = report["corloc"]["border_rule_on"]
+            report["CorLoc"] = report["corloc"][self.rules[0]]
         return report
 
 
@@ -218,12 +288,17 @@ def evaluate_model(
     predictor,
     images_dir: str | Path,
     gt_dir: str | Path | None = None,
-    boxes: dict[str, list[list[float]]] | None = None,
+    boxes: BoxSet | None = None,
     limit: int | None = None,
     stems: set[str] | None = None,
+    gt_binarize: str = "half",
 ) -> dict:
     """Predict every image that has ground truth (a mask in `gt_dir`, boxes in `boxes`,
-    both when both are given; only `stems` if given) and score it (`ModelScores`)."""
+    both when both are given; only `stems` if given) and score it (`ModelScores`).
+
+    Images are decoded as the datasets store them, without EXIF orientation: that is
+    the pixel grid their masks and boxes were drawn on.
+    """
     from sempart_core.images import decode_image
 
     if gt_dir is None and boxes is None:
@@ -231,31 +306,48 @@ def evaluate_model(
     images_dir = Path(images_dir)
     gts = _index_by_stem(Path(gt_dir), MASK_SUFFIXES, "ground-truth mask") if gt_dir is not None else None
     images = select_images(images_dir, set(gts) if gts is not None else None,
-                           set(boxes) if boxes is not None else None, stems)
+                           set(boxes.boxes) if boxes is not None else None, stems)
+    missing = []
+    if boxes is not None:
+        in_scope = boxes if stems is None else BoxSet(boxes.name, {s: b for s, b in boxes.boxes.items() if s in stems},
+                                                     complete=boxes.complete)
+        missing = _require_all(in_scope, {p.stem for p in images}, f"image in {images_dir}")
     images = images[:limit] if limit else images
-    scores = ModelScores(gts is not None, boxes is not None, predictor.method == "sempart",
-                         predictor.config.post.threshold)
+    rules = BORDER_RULES if predictor.method == "sempart" else TOKENCUT_RULES
+    scores = ModelScores(gts is not None, boxes is not None, rules, predictor.config.post.threshold)
     step = predictor.batch_size * 4
     for start in range(0, len(images), step):
         chunk = images[start : start + step]
-        preds = predictor.predict([decode_image(p.read_bytes()) for p in chunk])
+        preds = predictor.predict([decode_image(p.read_bytes(), exif_transpose=False) for p in chunk])
         for path, pred in zip(chunk, preds):
-            mask = read_mask(gts[path.stem]) if gts is not None else None
+            mask = read_mask(gts[path.stem], gt_binarize) if gts is not None else None
             try:
-                scores.add(pred, mask, boxes[path.stem] if boxes is not None else None)
+                if boxes is not None:
+                    _check_annotated_size(pred.prob.shape, boxes.sizes.get(path.stem))
+                scores.add(pred, mask, boxes.boxes[path.stem] if boxes is not None else None)
             except ValueError as err:
                 raise ValueError(f"image '{path.stem}': {err}") from err
         logger.info("evaluated %d/%d images", start + len(chunk), len(images))
     report = scores.result()
+    if boxes is not None:
+        report["corloc"].update(boxes.describe(), n_missing=len(missing))
     report.update(
         images_dir=str(images_dir),
         gt_dir=str(gt_dir) if gt_dir is not None else None,
+        gt_binarize=gt_binarize if gt_dir is not None else None,
         method=predictor.method,
-        foreground_rule="border" if predictor.method == "sempart" else "tokencut_seed",
+        foreground_rule=rules[0],
         model_id=predictor.model_id,
         random_backbone=bool(predictor.meta.get("random_backbone", False)),
     )
     return report
+
+
+def _check_annotated_size(shape: tuple[int, ...], annotated: tuple[int, int] | None) -> None:
+    """Boxes are in the pixels their annotation records: the image must have that size."""
+    if annotated is not None and tuple(shape[:2]) != tuple(annotated):
+        raise ValueError(f"the image is {shape[1]}x{shape[0]} but its annotation records "
+                         f"{annotated[1]}x{annotated[0]}: not the image the boxes were drawn on")
 
 
 def format_report(report: dict) -> str:
@@ -265,16 +357,22 @@ def format_report(report: dict) -> str:
 
     header = "".join(f"{c:>14}" for c in _PERCENT) + f"{'MAE':>8}"
     lines = []
+    if report.get("gt_binarize"):
+        lines.append(f"ground truth: {GT_BINARIZE[report['gt_binarize']]} ({report['gt_binarize']})")
     rules = [r for r in RULES if r in report]
     if rules:
-        lines.append(f"{'map':<8}{'foreground rule':<18}{header}")
-        lines += [f"{m:<8}{rule:<18}{cells(report[rule][m])}" for rule in rules for m in MAPS]
+        lines.append(f"{'map':<8}{'foreground rule':<20}{header}")
+        lines += [f"{m:<8}{rule:<20}{cells(report[rule][m])}" for rule in rules for m in MAPS]
     elif "IoU" in report:
         lines += [header, cells(report)]
     if "corloc" in report:
         c = report["corloc"]
-        lines.append(f"CorLoc ({c['n_images']} images): " + ", ".join(
-            f"{rule} {100 * c[rule]:.1f}" for rule in RULES if rule in c))
+        per_rule = [f"{rule} {100 * c[rule]:.1f}" for rule in RULES if rule in c]
+        lines.append(
+            f"CorLoc on {c['annotations']} ({c['n_images']} images, "
+            f"{c['n_without_box_counted_as_miss']} without a box counted as misses): "
+            + (", ".join(per_rule) if per_rule else f"{100 * report['CorLoc']:.1f}")
+        )
     return "\n".join(lines)
 
 

@@ -30,8 +30,16 @@ import numpy as np
 
 DEFAULT_MAX_BATCH_TOKENS = 65_536
 
-# Messages of CPU allocation failures: PyTorch's allocator on Linux/macOS and on Windows.
-CPU_OOM_MESSAGES = ("DefaultCPUAllocator: can't allocate memory", "not enough memory")
+# Messages of allocation failures that are not a torch.cuda.OutOfMemoryError: PyTorch's
+# CPU allocator (Linux/macOS, Windows), and the CUDA solver libraries, whose workspace
+# allocations fail with a status code, raised as RuntimeError or torch.linalg's
+# LinAlgError (torch.linalg.eigh of TokenCut's graphs goes through cuSOLVER).
+OOM_MESSAGES = (
+    "DefaultCPUAllocator: can't allocate memory",
+    "not enough memory",
+    "CUSOLVER_STATUS_ALLOC_FAILED",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+)
 
 R = TypeVar("R")
 
@@ -67,13 +75,18 @@ def plan_batches(
     return batches
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA out of memory, or a failed CPU allocation (PyTorch's or Python's)."""
+def is_out_of_memory(exc: BaseException | None) -> bool:
+    """CUDA out of memory, a failed CPU allocation (PyTorch's or Python's), or a cuSOLVER /
+    cuBLAS allocation failure, also when an error raised from it wraps it."""
     import torch
 
-    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in CPU_OOM_MESSAGES)
+    while exc is not None:
+        if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+            return True
+        if isinstance(exc, RuntimeError) and any(m in str(exc) for m in OOM_MESSAGES):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def infer_splitting(

@@ -101,13 +101,16 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     *,
     formats: Sequence[str] | None = IMAGE_FORMATS,
+    exif_transpose: bool = True,
 ) -> RGBArray:
     """Decode image bytes into an HxWx3 uint8 RGB array in displayed orientation.
 
     The pixel count is checked from the header before any pixel is decoded. Animated
     images give their first frame; alpha and palette transparency are composited on
     white; 16-bit and float samples are scaled to 8 bits (see `_high_depth_to_uint8`).
-    `formats=None` lets PIL try every plugin it has.
+    `formats=None` lets PIL try every plugin it has. `exif_transpose=False` keeps the
+    stored pixel order: benchmark masks and boxes are drawn on the stored pixels (their
+    readers, as LOST's and TokenCut's, ignore EXIF), so evaluation decodes that way.
     Raises an `ImageDecodeError` subclass for anything that is not a usable image.
     """
     if len(data) == 0:
@@ -125,7 +128,7 @@ def decode_image(
                 f"over the limit of {max_pixels}"
             )
         _load(im, reader)
-        orientation = _exif_orientation(im)
+        orientation = _exif_orientation(im) if exif_transpose else 1
         rgb = _to_rgb(im)
     finally:
         im.close()

@@ -1,6 +1,7 @@
 """The four SEMPART losses (docs/method.md, "Losses") and their weighted sum."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,9 +67,12 @@ def image_tv_loss(
 ) -> torch.Tensor:
     """Colour-weighted graph total variation of the fine mask, 8-neighbourhood.
 
-    y [B, H, W], image [B, 3, H, W] (normalised colours). Reflect padding at the
-    border is equivalent to dropping out-of-image pairs (their difference is zero), so
-    only the in-image pairs are summed; the mean is over all H*W*4 pair slots.
+    y [B, H, W], image [B, 3, H, W] (normalised colours). The border is replicate-padded:
+    a pair that would leave the image has a zero difference, so only in-image pairs are
+    summed. The sum is divided by 4 sqrt(H W) (four pair slots per pixel, times the
+    image side), not by the 4 H W slots: a sharp edge's cost grows with its length in
+    pixels, so this keeps the value of one scene, and the meaning of the loss weight,
+    the same at any resolution (the mean over slots shrank as 1 / side).
     """
     y = y.float()
     img = image.float()
@@ -76,7 +80,7 @@ def image_tv_loss(
     for (ya, yb), (ia, ib) in zip(_neighbour_pairs(y), _neighbour_pairs(img)):
         wij = torch.exp(-((ia - ib) ** 2).sum(1) / sigma**2)
         total = total + (wij * (ya - yb).abs() ** q).flatten(1).sum(-1)
-    return (total / (4 * y.shape[-2] * y.shape[-1])).mean()
+    return (total / (4 * math.sqrt(y.shape[-2] * y.shape[-1]))).mean()
 
 
 def distillation_loss(y_fine: torch.Tensor, y_coarse: torch.Tensor, patch: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from .graph import partition_ncut
 from .images import prepare_image
 from .instances import maskcut_batch
 from .model import SempartHeads
-from .postprocess import Prediction, RawInstances, RawPrediction, finish_raw, resize_prob
+from .postprocess import Prediction, RawInstances, RawPrediction, finish_raw
 from .prefetch import DeviceCopier
 from .tokencut import tokencut_partition, upsample_patch_mask
 from .training import to_model_input
@@ -141,16 +141,20 @@ class Predictor:
     ) -> Prediction:
         """Resize the map to the original image size and post-process it (instances too).
 
-        ``tokencut-bs`` needs the original image ``rgb`` [height, width, 3]: the solver
-        snaps TokenCut's mask to its edges, as published. Instances refined with the
-        bilateral solver need the image too: the model's input ``prepared`` (its size
-        bounds the solver's cost; the labelling pipeline refines on it as well), else ``rgb``.
+        TokenCut's patch mask goes straight to the original size, nearest, as TokenCut
+        upsamples it. ``tokencut-bs`` needs the original image ``rgb`` [height, width,
+        3]: the bilateral solver snaps that mask to its colour edges. Instances refined
+        with the bilateral solver need the image too: the model's input ``prepared``
+        (its size bounds the solver's cost; the labelling pipeline refines on it as
+        well), else ``rgb``.
         """
+        if self.method != "sempart":
+            prob = upsample_patch_mask(torch.from_numpy(raw.coarse)[None], (height, width))[0].numpy()
+            raw = replace(raw, prob=prob)
         if self.method == "tokencut-bs":
             if rgb is None or rgb.shape[:2] != (height, width):
                 raise ValueError("method 'tokencut-bs' refines each mask on its image: pass rgb at (height, width)")
-            mask = resize_prob(raw.prob, (height, width)) > self.config.post.threshold
-            raw = replace(raw, prob=refine_mask(rgb, mask, self.bilateral))
+            raw = replace(raw, prob=refine_mask(rgb, raw.prob > self.config.post.threshold, self.bilateral))
         image = prepared if prepared is not None else rgb
         return finish_raw(raw, height, width, self.config.post, self.instances, image, self.bilateral)
 

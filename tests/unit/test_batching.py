@@ -37,6 +37,12 @@ def test_a_panorama_is_not_batched_with_31_others() -> None:
     assert plan_batches([SQUARE] * 5, patch=8, batch_size=2, max_tokens=10**9) == [[0, 1], [2, 3], [4]]
 
 
+def wrapped(outer: BaseException, cause: BaseException) -> BaseException:
+    """`outer` as raised by `raise outer from cause`."""
+    outer.__cause__ = cause
+    return outer
+
+
 @pytest.mark.parametrize(
     "exc, oom",
     [
@@ -45,6 +51,13 @@ def test_a_panorama_is_not_batched_with_31_others() -> None:
                       "you tried to allocate 829440000 bytes. Error code 12 (Cannot allocate memory)"), True),
         (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 829440000 bytes."), True),
         (MemoryError(), True),
+        # The CUDA solver libraries report a failed workspace allocation as a status code.
+        (torch.linalg.LinAlgError("cusolver error: CUSOLVER_STATUS_ALLOC_FAILED, when calling "
+                                  "`cusolverDnCreate(handle)`"), True),
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+        (wrapped(ValueError("eigh failed"), RuntimeError("CUSOLVER_STATUS_ALLOC_FAILED")), True),
+        (RuntimeError("cusolver error: CUSOLVER_STATUS_INVALID_VALUE"), False),
+        (wrapped(ValueError("bad input"), RuntimeError("mat1 and mat2 shapes")), False),
         (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
         (ValueError("not enough values to unpack"), False),
     ],
@@ -111,6 +124,30 @@ def test_predict_splits_a_batch_out_of_memory(predictor: Predictor, monkeypatch)
     fail_when(monkeypatch, lambda batch: True)
     with pytest.raises(ImageOutOfMemory, match=r"out of memory: image 56x40 alone \(\d+ tokens\)"):
         predictor.predict(images[:1])
+
+
+def test_tokencut_splits_a_batch_whose_eigen_solve_runs_out_of_memory(model: str, monkeypatch) -> None:
+    """cuSOLVER failing to allocate in TokenCut's batched eigh takes the halve-and-retry path
+    of a CUDA out-of-memory (issue 21), with the same results as without the failure."""
+    import sempart_core.tokencut as tokencut
+
+    predictor = load_predictor(model, method="tokencut", batch_size=8)
+    images = pictures(6)
+    expected = predictor.predict(images)
+    real_eigh, sizes = torch.linalg.eigh, []
+
+    def eigh(matrix):
+        sizes.append(len(matrix))
+        if len(matrix) > 2:
+            raise torch.linalg.LinAlgError("cusolver error: CUSOLVER_STATUS_ALLOC_FAILED, when calling "
+                                           "`cusolverDnXsyevd_bufferSize(...)`")
+        return real_eigh(matrix)
+
+    monkeypatch.setattr(tokencut.torch.linalg, "eigh", eigh)
+    got = predictor.predict(images)
+    assert sizes == [6, 3, 1, 2, 3, 1, 2]
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a.prob, b.prob)
 
 
 def decoded_block(predictor: Predictor, images: list[np.ndarray]) -> pa.Table:

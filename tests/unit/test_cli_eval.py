@@ -87,9 +87,14 @@ def test_eval_with_model_on_images(tiny_model, tmp_path, method):
     report = json.loads(report_path.read_text())
     assert report["n_images"] == 12 and report["method"] == method and report["random_backbone"] is True
     assert 0 <= report["maxF_dataset"] <= 1
-    assert report["border_rule_on"]["fine"]["IoU"] == report["IoU"]
-    # TokenCut as published has no border rule to switch off.
-    assert ("border_rule_off" in report) == (method == "sempart")
+    # TokenCut as published picks its foreground by its own seed rule, named as such;
+    # it has no border rule to switch on or off.
+    own_rule = "border_rule_on" if method == "sempart" else "tokencut_seed_rule"
+    expected_rules = ["border_rule_on", "border_rule_off"] if method == "sempart" else [own_rule]
+    assert report["rules"] == expected_rules and report["foreground_rule"] == own_rule
+    assert report[own_rule]["fine"]["IoU"] == report["IoU"]
+    assert [r for r in ("border_rule_on", "border_rule_off", "tokencut_seed_rule") if r in report] == expected_rules
+    assert own_rule in result.output
 
 
 def test_eval_usage_error_is_one_line(tmp_path):
@@ -169,9 +174,9 @@ def test_eval_report_matches_brute_force(tiny_model, tmp_path):
     flipped = [p.border_flipped for p in preds]
     assert 0 < sum(flipped) < len(preds), "the test needs images flipped by the rule and not"
     gt_boxes = gt_boxes_for(preds, shapes)
-    for name, boxes in zip(names, gt_boxes):
-        write_voc(tmp_path / "voc" / "Annotations", name, boxes)
-    write_coco(tmp_path / "coco.json", dict(zip(names, gt_boxes)), prefix="")
+    for name, boxes, shape in zip(names, gt_boxes, shapes):
+        write_voc(tmp_path / "voc" / "Annotations", name, boxes, size=shape)
+    write_coco(tmp_path / "coco.json", dict(zip(names, gt_boxes)), prefix="", sizes=dict(zip(names, shapes)))
 
     reports = {}
     for kind, boxes_arg in (("voc", tmp_path / "voc"), ("coco", tmp_path / "coco.json")):
@@ -183,7 +188,8 @@ def test_eval_report_matches_brute_force(tiny_model, tmp_path):
         assert result.exit_code == 0, result.output
         reports[kind] = json.loads(path.read_text())
     report = reports["voc"]
-    assert reports["coco"]["corloc"] == report["corloc"]  # both readers give the same boxes
+    # Both readers give the same boxes.
+    assert {**reports["coco"]["corloc"], "annotations": "VOC"} == report["corloc"]
     assert report["n_border_flipped"] == sum(flipped)
 
     for rule in ("border_rule_on", "border_rule_off"):
@@ -201,3 +207,159 @@ def test_eval_report_matches_brute_force(tiny_model, tmp_path):
     assert report["IoU"] == report["border_rule_on"]["fine"]["IoU"]
     # The coarse map is a different prediction from the fine one.
     assert report["border_rule_on"]["coarse"]["MAE"] != report["border_rule_on"]["fine"]["MAE"]
+
+
+# ---- issue 21: the datasets' pixel grid, GT binarisation, COCO20k, given maps, token budget ----
+
+
+@pytest.fixture(scope="module")
+def model_preds(tiny_model):
+    """The shipped photos, their GT masks (> 127) and the tiny model's predictions."""
+    names = sorted(p.stem for p in (DATA / "images").iterdir())
+    rgbs = [np.asarray(Image.open(DATA / "images" / f"{n}.jpg").convert("RGB")) for n in names]
+    gts = [np.asarray(Image.open(DATA / "masks" / f"{n}.png").convert("L")) > 127 for n in names]
+    return names, gts, load_predictor(str(tiny_model)).predict(rgbs)
+
+
+def test_eval_given_maps_scores_corloc_as_the_predictor_boxes_them(model_preds, tmp_path):
+    """`--pred DIR --boxes ANN` scores another method's maps by the same code: the main box
+    is the largest 8-connected component of map > 0.5 at the annotated size (issue 21)."""
+    from sempart_core.postprocess import connected_boxes, resize_prob
+    from tests.unit.test_annotations import write_voc
+
+    names, gts, preds = model_preds
+    shapes = [g.shape for g in gts]
+    gt_boxes = gt_boxes_for(preds, shapes)
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    expected = []
+    for i, (name, pred, boxes, shape) in enumerate(zip(names, preds, gt_boxes, shapes)):
+        write_voc(tmp_path / "voc", name, boxes, size=shape)
+        # a third of the maps at half size: brought to the annotated size first
+        prob = resize_prob(pred.prob, (shape[0] // 2, shape[1] // 2)) if i % 3 == 0 else pred.prob
+        np.save(pred_dir / f"{name}.npy", prob)
+        expected.append(connected_boxes(resize_prob(prob, shape) > 0.5, 1)[0])
+        if i % 3:
+            assert expected[-1] == pred.box  # full-size maps: exactly the predictor's box
+    path = tmp_path / "r.json"
+    result = runner.invoke(app, ["eval", "--pred", str(pred_dir), "--boxes", str(tmp_path / "voc"), "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(path.read_text())
+    assert report["CorLoc"] == pytest.approx(brute_corloc(expected, gt_boxes, shapes))
+    assert 0 < report["CorLoc"] < 1
+    assert report["corloc"]["n_images"] == 12 and report["corloc"]["annotations"] == "VOC"
+    assert "IoU" not in report  # boxes only: no mask metrics
+
+
+def test_eval_gt_binarisation_is_a_flag_named_in_the_report(tmp_path):
+    """`> 127` (classic SOD) or any non-zero pixel (TokenCut's code): DUTS masks have
+    antialiased edges, so the two give different figures (issue 21)."""
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    masks = sorted((DATA / "masks").glob("*.png"))[:4]
+    for mask in masks:
+        Image.open(mask).convert("L").filter(ImageFilter.GaussianBlur(3)).save(pred_dir / mask.name)
+    reports = {}
+    for rule in ("half", "nonzero"):
+        path = tmp_path / f"{rule}.json"
+        result = runner.invoke(app, ["eval", "--pred", str(pred_dir), "--gt", str(DATA / "masks"),
+                                     "--gt-binarize", rule, "--json", str(path)])
+        assert result.exit_code == 0, result.output
+        reports[rule] = json.loads(path.read_text())
+        assert reports[rule]["gt_binarize"] == rule and f"({rule})" in result.output
+        preds = [np.asarray(Image.open(pred_dir / m.name), dtype=np.float32) / 255 for m in masks]
+        raw = [np.asarray(Image.open(m).convert("L")) for m in masks]
+        gts = [g > 127 if rule == "half" else g > 0 for g in raw]
+        for key, value in brute_sod(preds, gts).items():
+            assert reports[rule][key] == pytest.approx(value, abs=1e-9), (rule, key)
+    assert reports["half"]["IoU"] != reports["nonzero"]["IoU"]
+    result = runner.invoke(app, ["eval", "--pred", str(pred_dir), "--gt", str(DATA / "masks"), "--gt-binarize", "x"])
+    assert result.exit_code == 2 and "--gt-binarize" in result.output
+
+
+def test_eval_scores_the_stored_pixels_of_an_exif_tagged_image(tiny_model, tmp_path):
+    """Datasets draw masks and boxes on the stored pixels and read images without EXIF
+    orientation: a photo tagged 'rotate 90' must score exactly as the same JPEG untagged,
+    not be turned (issue 21)."""
+    from tests.unit.test_annotations import write_voc
+
+    stem = "ILSVRC2012_test_00000003"  # 400 x 302: turning it would change its shape
+    rgb = np.asarray(Image.open(DATA / "images" / f"{stem}.jpg").convert("RGB"))
+    gt = np.asarray(Image.open(DATA / "masks" / f"{stem}.png").convert("L"))
+    rows, cols = np.nonzero(gt > 127)
+    box = [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
+    reports = []
+    for orientation in (1, 6):
+        root = tmp_path / f"o{orientation}"
+        (root / "images").mkdir(parents=True)
+        (root / "masks").mkdir()
+        exif = Image.Exif()
+        exif[0x0112] = orientation  # EXIF Orientation
+        Image.fromarray(rgb).save(root / "images" / f"{stem}.jpg", quality=95, exif=exif.tobytes())
+        Image.fromarray(gt).save(root / "masks" / f"{stem}.png")
+        write_voc(root / "voc", stem, [box], size=gt.shape)
+        result = runner.invoke(app, ["eval", "--model", str(tiny_model), "--images", str(root / "images"),
+                                     "--gt", str(root / "masks"), "--boxes", str(root / "voc"),
+                                     "--json", str(root / "r.json")])
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads((root / "r.json").read_text()))
+    with Image.open(tmp_path / "o6" / "images" / f"{stem}.jpg") as tagged:
+        assert tagged.getexif()[0x0112] == 6
+    for key in ("Acc", "IoU", "MAE", "maxF_dataset", "maxF_image", "CorLoc"):
+        assert reports[1][key] == reports[0][key], key
+
+
+def test_eval_coco20k_scores_exactly_the_listed_images(tiny_model, tmp_path):
+    """With --coco20k-list the CorLoc set is the listed images, a crowd-only one a miss;
+    a listed image missing from the folder is refused (issue 21)."""
+    from tests.unit.test_annotations import write_coco
+
+    names = sorted(p.stem for p in (DATA / "images").iterdir())
+    images = tmp_path / "train2014"
+    images.mkdir()
+    for name in names:
+        (images / f"COCO_train2014_{name}.jpg").symlink_to(DATA / "images" / f"{name}.jpg")
+    sizes = {n: np.asarray(Image.open(DATA / "masks" / f"{n}.png")).shape[:2] for n in names}
+    boxes = {n: ([] if i == 1 else [[0.0, 0.0, sizes[n][1] / 2, sizes[n][0] / 2]]) for i, n in enumerate(names)}
+    write_coco(tmp_path / "instances_train2014.json", boxes, crowd={names[1]: [0, 0, 10, 10]}, sizes=sizes)
+    listed = tmp_path / "coco_20k_filenames.txt"
+    listed.write_text("".join(f"train2014/COCO_train2014_{n}.jpg\n" for n in names[:5]))
+    args = ["eval", "--model", str(tiny_model), "--images", str(images),
+            "--boxes", str(tmp_path / "instances_train2014.json"), "--json", str(tmp_path / "r.json")]
+    result = runner.invoke(app, args + ["--coco20k-list", str(listed)])
+    assert result.exit_code == 0, result.output
+    corloc = json.loads((tmp_path / "r.json").read_text())["corloc"]
+    assert corloc["annotations"] == "COCO20k" and corloc["n_images"] == 5
+    assert corloc["n_without_box_counted_as_miss"] == 1
+    assert "CorLoc on COCO20k (5 images, 1 without a box counted as misses)" in result.output
+    # Without the list it is not COCO20k: every image with a box, the crowd-only one dropped.
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    corloc = json.loads((tmp_path / "r.json").read_text())["corloc"]
+    assert corloc["annotations"] == "COCO" and corloc["n_images"] == 11 and corloc["n_dropped_without_box"] == 1
+    (images / f"COCO_train2014_{names[0]}.jpg").unlink()
+    result = runner.invoke(app, args + ["--coco20k-list", str(listed)])
+    assert result.exit_code == 2 and "1 of the 5 COCO20k images" in result.output
+
+
+def test_eval_keeps_the_token_budget(tiny_model, monkeypatch):
+    """`sempart eval --max-batch-tokens` caps the backbone tokens of one model call, as
+    `sempart label` does (issue 21)."""
+    from sempart_core.predictor import Predictor
+
+    calls = []  # (images, tokens) of each model call
+    infer = Predictor.infer
+
+    def recording(self, batch):
+        calls.append((len(batch), len(batch) * (batch.shape[1] // self.patch) * (batch.shape[2] // self.patch)))
+        return infer(self, batch)
+
+    monkeypatch.setattr(Predictor, "infer", recording)
+    args = ["eval", "--model", str(tiny_model), "--images", str(DATA / "images"), "--gt", str(DATA / "masks")]
+    assert runner.invoke(app, args).exit_code == 0
+    assert max(n for n, _ in calls) > 1  # several images per call by default
+    calls.clear()
+    result = runner.invoke(app, args + ["--max-batch-tokens", "20"])
+    assert result.exit_code == 0, result.output
+    # Every photo has 16-24 tokens at 64 px: two never fit in 20, one alone always runs.
+    assert len(calls) == 12 and all(n == 1 for n, _ in calls)

@@ -38,7 +38,7 @@ LEARNING_CONFIG = {
     "backbone": {"name": "vit_tiny_patch16_224", "weights": "random"},
     "graph": {"tau": 0.8},
     "model": {"fine_channels": 16},
-    "loss": {"border": 0.1, "itv": 30.0},
+    "loss": {"border": 0.1, "itv": 30.0 / 128},  # 30 before image TV was divided by the side (128 px)
     "data": {"image_size": 128, "crop_scale": 1.0, "color_jitter": 0.1, "grayscale_p": 0.0},
     "train": {"lr": 1e-3, "batch_size": 8, "steps": 400, "warmup_steps": 20},
 }

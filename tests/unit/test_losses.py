@@ -114,8 +114,23 @@ def test_image_tv_matches_brute_force(q):
                 if 0 <= rr < 4 and 0 <= cc < 5:
                     wij = np.exp(-((img[0, :, r, c] - img[0, :, rr, cc]) ** 2).sum().item() / 0.5**2)
                     total += wij * abs((y[0, r, c] - y[0, rr, cc]).item()) ** q
-    expected = total / (4 * 4 * 5)
+    expected = total / (4 * np.sqrt(4 * 5))
     assert image_tv_loss(y, img, sigma=0.5, q=q).item() == pytest.approx(expected, rel=1e-5)
+
+
+def disk_scene(side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sharp disk of radius side/4 as the mask, on a uniform image (every colour weight 1)."""
+    yy, xx = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")
+    disk = (((yy - side / 2) ** 2 + (xx - side / 2) ** 2) <= (side / 4) ** 2).float()
+    return disk[None], torch.zeros(1, 3, side, side)
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_image_tv_of_one_scene_does_not_depend_on_its_resolution(q):
+    """The same disk at 64 and 256 px: its edge is 4x longer in pixels, the loss the same,
+    so a TV weight chosen at one image size means the same at another (issue 21)."""
+    small, large = (image_tv_loss(*disk_scene(side), q=q).item() for side in (64, 256))
+    assert large == pytest.approx(small, rel=0.05)
 
 
 def test_distillation_pools_by_patch_and_reaches_both_branches():

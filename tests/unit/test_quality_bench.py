@@ -25,9 +25,14 @@ def mask_box(stem: str) -> list[float]:
     return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
 
 
+def mask_size(stem: str) -> tuple[int, int]:
+    return np.asarray(Image.open(DATA / "masks" / f"{stem}.png")).shape[:2]
+
+
 @pytest.fixture(scope="module")
-def box_sets(tmp_path_factory) -> tuple[Path, Path]:
-    """VOC07 (trainval = 8 of the 12 photos) and COCO20k (5 photos) layouts, boxes from the masks."""
+def box_sets(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """VOC07 (trainval = 8 of the 12 photos) and COCO layouts, boxes from the masks; a
+    COCO20k list of 6 photos, one of them with only a crowd box (a miss)."""
     root = tmp_path_factory.mktemp("sets")
     stems = sorted(p.stem for p in (DATA / "images").iterdir())
     voc = root / "voc07" / "VOCdevkit" / "VOC2007"
@@ -35,19 +40,24 @@ def box_sets(tmp_path_factory) -> tuple[Path, Path]:
     (voc / "ImageSets" / "Main").mkdir(parents=True)
     for stem in stems:
         (voc / "JPEGImages" / f"{stem}.jpg").symlink_to(DATA / "images" / f"{stem}.jpg")
-        write_voc(voc / "Annotations", stem, [mask_box(stem)])
+        write_voc(voc / "Annotations", stem, [mask_box(stem)], size=mask_size(stem))
     (voc / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(stems[:8]) + "\n")
     coco = root / "coco20k"
     (coco / "images" / "train2014").mkdir(parents=True)
     for stem in stems:
         (coco / "images" / "train2014" / f"{stem}.jpg").symlink_to(DATA / "images" / f"{stem}.jpg")
-    write_coco(coco / "instances_train2014_sel20k.json", {s: [mask_box(s)] for s in stems[:5]}, prefix="")
-    return root / "voc07", coco
+    boxes = {s: [mask_box(s)] if i != 5 else [] for i, s in enumerate(stems[:7])}
+    write_coco(coco / "instances_train2014.json", boxes, prefix="", crowd={stems[5]: [0, 0, 50, 50]},
+               sizes={s: mask_size(s) for s in stems[:7]})
+    listing = root / "coco_20k_filenames.txt"
+    listing.write_text("".join(f"train2014/{s}.jpg\n" for s in stems[:6]))
+    return root / "voc07", coco, listing
 
 
 def test_quick_table_and_json(box_sets, capsys) -> None:
-    voc07, coco20k = box_sets
-    assert quality.main(["--quick", "--voc07", str(voc07), "--coco20k", str(coco20k)]) == 0
+    voc07, coco20k, listing = box_sets
+    assert quality.main(["--quick", "--voc07", str(voc07), "--coco20k", str(coco20k),
+                         "--coco20k-list", str(listing)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     figures = json.loads(out[-1])
     table = "\n".join(out[:-1])
@@ -61,13 +71,34 @@ def test_quick_table_and_json(box_sets, capsys) -> None:
         assert all(0 <= duts[k] <= 100 for k in ("Acc", "IoU", "maxF_dataset", "maxF_image"))
         if label != "SEMPART coarse (ours)":  # CorLoc scores the fine mask's box
             assert by_dataset["VOC07"]["n_images"] == 8  # trainval only
-            assert by_dataset["COCO20k"]["n_images"] == 5
+            assert by_dataset["COCO20k"]["n_images"] == 6  # the listed ones, not every image of the JSON
+            assert by_dataset["COCO20k"]["n_without_box"] == 1
             assert 0 <= by_dataset["VOC07"]["CorLoc"] <= 100
-    # Published rows, with their sources; unknown figures are n/a, not invented.
-    assert "| TokenCut (published) | 90.3 / 57.6 / 67.2 / - |" in table
-    assert "| SelfMask (published) | 93.3 / 66.0 / - / 88.2 |" in table
-    assert "| FOUND (published) | n/a |" in table
-    assert "arXiv:2202.11539" in table and figures["published"]["TokenCut"]["VOC07"] == 68.8
+    # Published rows, each with its variant and source; unknown figures are n/a, not invented.
+    rows = [line.strip("| ").split(" | ") for line in table.splitlines() if "(published)" in line]
+    by_variant = {(r[0], r[1]): r[2:] for r in rows}
+    assert by_variant["TokenCut (published)", "ViT-S/16 (DINO), no bilateral solver"][:3] == [
+        "90.3 / 57.6 / 67.2 / -", "68.8", "58.8"]
+    assert by_variant["TokenCut (published)", "ViT-S/8 (DINO), no bilateral solver, CorLoc only"][:3] == [
+        "n/a", "67.3", "60.7"]  # the default backbone is S/8
+    assert by_variant["SelfMask (published)", "not stated by the source read (bilateral solver or not)"][0] == (
+        "93.3 / 66.0 / - / 88.2")
+    assert all(r[-1] for r in rows) and all(len(r) == 6 for r in rows)  # every row has a source
+    assert "not read here" in by_variant["FOUND (published)", "single and multi mode, with and without the "
+                                         "bilateral solver"][-1]
+    assert "YangtaoWANG95/TokenCut README" in table
+    ours = [line for line in table.splitlines() if "| this run |" in line]
+    assert len(ours) == len(quality.OUR_ROWS)
+    assert "COCO20k: 6 images, 1 without a non-crowd box counted as misses" in table
+    assert "GT above half its full scale" in table
+    published = {(p["name"], p["variant"]): p for p in figures["published"]}
+    assert published["TokenCut", "ViT-S/8 (DINO), no bilateral solver, CorLoc only"]["COCO20k"] == 60.7
+
+
+def test_coco20k_needs_its_image_list(box_sets) -> None:
+    """Any COCO JSON is not COCO20k: without LOST/TokenCut's list the run is refused (issue 21)."""
+    with pytest.raises(SystemExit, match="COCO20k: give --coco20k-list coco_20k_filenames.txt"):
+        quality.main(["--quick", "--coco20k", str(box_sets[1]), "--methods", "sempart"])
 
 
 def test_missing_layout_is_one_line(tmp_path) -> None:

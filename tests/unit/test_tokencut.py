@@ -190,24 +190,22 @@ def test_batch_is_per_image() -> None:
         torch.testing.assert_close(single_ncut[0], ncut[b])
 
 
-def test_prob_is_bilinear_upsampling_of_the_patch_mask() -> None:
+def test_prob_is_nearest_upsampling_of_the_patch_mask() -> None:
+    """As TokenCut upsamples its mask: each patch becomes a p x p block of 0 or 1."""
     h, w, p = 8, 10, 8
     fg = grid_mask(h, w, (2, 6, 3, 7))
     feats = planted_features(fg, seed=11)
     prob = tokencut_prob(feats, (h, w), (h * p, w * p))
-    assert prob.shape == (1, h * p, w * p)
-    assert float(prob.min()) >= 0.0 and float(prob.max()) <= 1.0
     mask, _ = tokencut_partition(feats, (h, w))
     torch.testing.assert_close(prob, upsample_patch_mask(mask, (h * p, w * p)))
-    # soft edges, yet along the object's sides (away from its corners, which bilinear
-    # interpolation rounds off) thresholding at 0.5 gives each patch back as a p x p block
-    assert bool(((prob > 0) & (prob < 1)).any())
-    blocks = np.kron(fg, np.ones((p, p), dtype=bool))
-    above = prob[0].numpy() > 0.5
-    inner_rows, inner_cols = slice(3 * p, 5 * p), slice(4 * p, 6 * p)
-    assert np.array_equal(above[inner_rows], blocks[inner_rows])
-    assert np.array_equal(above[:, inner_cols], blocks[:, inner_cols])
-    assert 0 < (above != blocks).sum() <= 4 * (p // 2) ** 2  # only the rounded corners
+    np.testing.assert_array_equal(prob[0].numpy(), np.kron(fg, np.ones((p, p))))
+
+
+def nearest_by_index(grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """PyTorch's (and TokenCut's) nearest rule: output pixel i reads input floor(i * h / H)."""
+    rows = np.floor(np.arange(height) * grid.shape[0] / height).astype(int)
+    cols = np.floor(np.arange(width) * grid.shape[1] / width).astype(int)
+    return grid[np.ix_(rows, cols)]
 
 
 def test_rejects_features_that_do_not_match_the_grid() -> None:
@@ -243,6 +241,10 @@ def test_predictor_tokencut_is_tokencut_as_published(model, photo) -> None:
     expected, ncut = tokencut_partition(feats, grid, border_rule=False)
     np.testing.assert_array_equal(raw.coarse, expected[0].numpy())
     assert raw.ncut == pytest.approx(float(ncut[0])) and raw.border_flipped is False
+    # The patch mask goes to the photo's own size with nearest, as TokenCut's does: hard
+    # 0/1 edges (bilinear's soft ones would move maxF and MAE), not via the input size.
+    (pred,) = predictor.predict([photo])
+    np.testing.assert_array_equal(pred.prob, nearest_by_index(raw.coarse, *photo.shape[:2]))
 
 
 def test_predictor_tokencut_bs_refines_tokencut_on_the_image(model, photo) -> None:
