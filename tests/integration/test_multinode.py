@@ -1,9 +1,8 @@
 """`sempart label` and `sempart train` on a real 3-node Ray cluster (multinode.py) while
 parts of it die: a worker node SIGKILLed (raylet, object store, workers), one inference
 actor's process SIGKILLed, the writer actor's process SIGKILLed, each in the middle of
-a label run of 2,000 images; a worker node SIGKILLed during a 2-worker training run.
-No run may hang: each is bounded at 3x a clean run's time (measured first, on the same
-cluster), and the label watchdog (--stall-timeout) turns a stalled pipeline into a
+a label run of 600 images; a worker node SIGKILLed during a 2-worker training run.
+No run may hang: each is bounded (BOUND_S, many times a clean run), and the label watchdog (--stall-timeout) turns a stalled pipeline into a
 one-line exit.
 
 Label: each run either completes or exits 1 with one line naming the files it did not
@@ -39,7 +38,11 @@ from sempart_core.postprocess import rle_to_mask
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-N_IMAGES, ROWS_PER_FILE = 2000, 100
+N_IMAGES, ROWS_PER_FILE = 600, 50
+# A run still going after BOUND_S seconds is taken for hung (a clean run of either kind
+# takes a minute or two here, on 2 loaded cores). STALL_S is the label watchdog's timeout in
+# the fault runs, longer than Ray takes to notice a lost node and restart its actors.
+BOUND_S, STALL_S = 600, "60"
 # Head: the driver-side work (decode, finish, writer); each worker node: one 2-CPU
 # inference actor (--actors 2 on 5 CPUs gives each actor 2), so losing a worker node
 # loses an actor and the tasks and objects on that node.
@@ -92,7 +95,7 @@ def finish(proc: subprocess.Popen, log: Path, bound: float) -> int:
     except subprocess.TimeoutExpired:
         kill(process_tree(proc.pid))
         proc.wait()
-        pytest.fail(f"the run took over {bound:.0f} s (3x a clean run): hung?\n{log.read_text()[-3000:]}")
+        pytest.fail(f"the run took over {bound:.0f} s: hung?\n{log.read_text()[-3000:]}")
 
 
 def run_cli(cluster: Cluster, command: list[str], log: Path, bound: float, env: dict[str, str] | None = None) -> int:
@@ -133,19 +136,6 @@ def missing_line(log: Path) -> str:
     return line
 
 
-@pytest.fixture(scope="module")
-def clean_seconds(cluster: Cluster, model: str, inputs: Path, tmp_path_factory) -> float:
-    """A clean run's wall time on this cluster: the yardstick of the fault runs."""
-    out = tmp_path_factory.mktemp("clean") / "out"
-    log = out.parent / "label.log"
-    start = time.monotonic()
-    code = run_cli(cluster, label_command(model, inputs, out), log, bound=1200)
-    seconds = time.monotonic() - start
-    assert code == 0, log.read_text()[-3000:]
-    assert_complete(out, inputs)
-    return seconds
-
-
 def resume_if_incomplete(code: int, cluster: Cluster, model: str, inputs: Path, out: Path, log: Path,
                          bound: float) -> None:
     """A failed run names what is missing; `--resume` then completes it."""
@@ -158,11 +148,9 @@ def resume_if_incomplete(code: int, cluster: Cluster, model: str, inputs: Path, 
     assert_complete(out, inputs)
 
 
-def test_worker_node_lost_mid_run(cluster: Cluster, model: str, inputs: Path, clean_seconds: float,
-                                  tmp_path: Path) -> None:
-    out, log, bound = tmp_path / "out", tmp_path / "label.log", 3 * clean_seconds
-    stall = f"{max(20.0, clean_seconds):.0f}"
-    proc = start_cli(cluster, label_command(model, inputs, out, "--stall-timeout", stall), log)
+def test_worker_node_lost_mid_run(cluster: Cluster, model: str, inputs: Path, tmp_path: Path) -> None:
+    out, log, bound = tmp_path / "out", tmp_path / "label.log", BOUND_S
+    proc = start_cli(cluster, label_command(model, inputs, out, "--stall-timeout", STALL_S), log)
     wait_for_parts(proc, out, log, 3, bound)
     cluster.workers()[0].kill()
     code = finish(proc, log, bound)
@@ -180,15 +168,13 @@ def actor_processes(cluster: Cluster, title: str) -> list[int]:
 
 
 @pytest.mark.parametrize("victim", ["inference", "writer"])
-def test_actor_killed_mid_run(victim: str, cluster: Cluster, model: str, inputs: Path, clean_seconds: float,
-                              tmp_path: Path) -> None:
+def test_actor_killed_mid_run(victim: str, cluster: Cluster, model: str, inputs: Path, tmp_path: Path) -> None:
     """An inference actor is restarted by Ray and its batch retried. A killed writer
     loses the rows it buffered unless Ray Data sends them again to its restarted actor:
     the run either completes, or ends naming the unwritten files and --resume writes
     them; either way every input is in the table exactly once."""
-    out, log, bound = tmp_path / "out", tmp_path / "label.log", 3 * clean_seconds
-    stall = f"{max(20.0, clean_seconds):.0f}"
-    proc = start_cli(cluster, label_command(model, inputs, out, "--stall-timeout", stall), log)
+    out, log, bound = tmp_path / "out", tmp_path / "label.log", BOUND_S
+    proc = start_cli(cluster, label_command(model, inputs, out, "--stall-timeout", STALL_S), log)
     wait_for_parts(proc, out, log, 3, bound)
     pids = actor_processes(cluster, ACTOR_TITLES[victim])
     assert pids, f"no {victim} actor among {[command_line(p) for p in actor_processes(cluster, 'ray::')]}"
@@ -209,16 +195,11 @@ def train_command(out: Path) -> list[str]:
 
 
 def test_training_worker_node_lost(cluster: Cluster, tmp_path: Path) -> None:
-    """A clean 2-worker run (one worker per worker node), then a run that loses a worker
-    node after its first complete checkpoint; a replacement node joins at once."""
+    """A 2-worker run (one worker per worker node) that loses a worker node after its
+    first complete checkpoint; a replacement node joins at once."""
     from pipeline.train import COMPLETE_FILE
 
-    clean_log = tmp_path / "clean.log"
-    start = time.monotonic()
-    assert run_cli(cluster, train_command(tmp_path / "clean"), clean_log, bound=1200) == 0, \
-        clean_log.read_text()[-3000:]
-    bound = 3 * (time.monotonic() - start)
-
+    bound = BOUND_S
     out, log = tmp_path / "runs", tmp_path / "train.log"
     proc = start_cli(cluster, train_command(out), log)
     marker = out / "run" / f"checkpoint_{TRAIN_EVERY:08d}" / COMPLETE_FILE
@@ -250,7 +231,7 @@ PHOTOS = [*sorted((REPO / "tests" / "data" / "duts-te" / "images").glob("*.jpg")
 # of requests 503 SlowDown, 2 % 500, 2 % reset connections, 3 % delayed 2 s; HEAD
 # answers carry no body.
 BUSY_S3 = Faults(slow_down=0.10, internal_error=0.02, reset=0.02, delay=0.03, delay_s=2.0)
-N_PHOTOS = 400
+N_PHOTOS = 240
 
 
 def photo_variants(count: int) -> Iterator[bytes]:
@@ -277,7 +258,7 @@ def s3_keys(client, bucket: str, prefix: str) -> list[str]:
 def test_three_nodes_throttling_s3_and_a_node_lost(cluster: Cluster, model: str, s3_endpoint: str, s3_bucket: str,
                                                    tmp_path: Path) -> None:
     """All at once, as a user meets it: the 3-node cluster (head 1 CPU, two workers of
-    2 CPUs) with the default actors, 400 photos S3 -> S3 through a throttling, resetting
+    2 CPUs) with the default actors, 240 photos S3 -> S3 through a throttling, resetting
     S3, and one worker node SIGKILLed once the first part file exists (no replacement
     joins). The run completes, or exits 1 naming what to --resume, which completes it
     on the two nodes left; no run hangs; every photo is in the table exactly once; the
@@ -293,7 +274,7 @@ def test_three_nodes_throttling_s3_and_a_node_lost(cluster: Cluster, model: str,
         uris.append(f"{s3_bucket}/photos/{i:04d}.jpg")
     command = [sys.executable, "-m", "pipeline.cli", "label", "--model", f"{s3_bucket}/model",
                "--input", f"{s3_bucket}/photos", "--out", f"{s3_bucket}/labels", "--no-gpu",
-               "--rows-per-file", "25", "--stall-timeout", "120"]
+               "--rows-per-file", "20", "--stall-timeout", "120"]
     bound = 900  # a clean run takes about a minute here; a hang is far longer
     log = tmp_path / "label.log"
     with FaultProxy(s3_endpoint, BUSY_S3, seed=23) as proxy:
