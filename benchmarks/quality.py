@@ -15,6 +15,10 @@ datasets are given, each folder in its official release layout:
     --coco20k-list F  the list of the 19,817 COCO20k images: coco_20k_filenames.txt, from
                       LOST's or TokenCut's repository (datasets/coco_20k_filenames.txt);
                       without it no run is called COCO20k
+    --coco-val DIR    COCO 2017: val2017/*.jpg and annotations/instances_val2017.json;
+                      the model's MaskCut instances (up to 3 per image), scored as
+                      class-agnostic COCO AP / AR of boxes and masks (`sempart eval
+                      --instances`), next to MaskCut's and CutLER's published figures
 
 Salient-object datasets give Acc / IoU / maxF (both max-F conventions, see
 `sempart_core.metrics`), GT binarised by `--gt-binarize` (half: > 127, the default;
@@ -23,6 +27,7 @@ non-crowd box counts as a miss, as in TokenCut's loop). Published rows carry the
 source; figures not sourced here are shown as "n/a", not guessed.
 
     python benchmarks/quality.py --model runs/model --duts-te data/DUTS-TE --ecssd data/ECSSD
+    python benchmarks/quality.py --model runs/model --coco-val data/coco
     python benchmarks/quality.py --quick   # random tiny backbone on the shipped photos
 
 Prints the table, then as its last line one JSON object of the figures.
@@ -40,8 +45,9 @@ from pathlib import Path
 
 from pipeline.annotations import BoxSet, read_coco_boxes, read_image_list, read_voc_boxes
 from pipeline.evaluate import GT_BINARIZE, evaluate_model
+from pipeline.instance_eval import STATS, evaluate_model_instances
 from sempart_core.artifact import read_artifact, save_untrained_artifact
-from sempart_core.config import SempartConfig
+from sempart_core.config import InstanceConfig, SempartConfig
 from sempart_core.predictor import predictor_from_artifact
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +107,34 @@ PUBLISHED = (
               "+2.7 IoU over the previous best, on average); its tables were not", "unknown",
               dict.fromkeys(SOD, NA), dict.fromkeys(CORLOC, NA)),
 )
+
+CUTLER_README = ("github.com/facebookresearch/CutLER README (commit cca0a27), Model Zoo table, COCO column "
+                 "of AP50 and AR (zero-shot unsupervised detection, boxes; its AR put under AR100)")
+
+
+@dataclass(frozen=True)
+class PublishedInstances:
+    """A published COCO val2017 class-agnostic row, figures in % by `STATS` name for
+    boxes and masks; a figure absent was not read from the source."""
+
+    name: str
+    variant: str
+    source: str
+    box: dict[str, float]
+    mask: dict[str, float]
+
+
+PUBLISHED_INSTANCES = (
+    PublishedInstances("CutLER", "Cascade Mask R-CNN trained on MaskCut's ImageNet pseudo-masks (README's CutLER*, "
+                       "cutler_cascade_final.pth)", CUTLER_README, {"AP50": 21.9, "AR100": 32.7}, {}),
+    PublishedInstances("CutLER", "Mask R-CNN trained on MaskCut's ImageNet pseudo-masks (README's CutLER^, "
+                       "cutler_mrcnn_final.pth)", CUTLER_README, {"AP50": 21.1, "AR100": 29.6}, {}),
+    PublishedInstances("MaskCut", "pseudo-masks alone, no detector (ViT-B/8, N 3, tau 0.15: the README's maskcut.py command)",
+                       "Wang et al., CVPR 2023 (arXiv:2301.11320): its tables were not read here", {}, {}),
+)
+OUR_INSTANCES = ("SEMPART + MaskCut (ours)", "MaskCut on the model's backbone keys, up to 3 per image, "
+                 "bilateral refinement")
+
 
 # Our rows: label -> (method, foreground rule, map).
 OUR_ROWS = {
@@ -164,10 +198,9 @@ def coco_split(name: str, root: Path, listing: Path | None) -> Split:
     return Split(name, images, boxes=read_coco_boxes(jsons[0], read_image_list(listing)))
 
 
-def evaluate(model: str, splits: list[Split], methods: Sequence[str], device: str,
-             batch_size: int, limit: int | None, gt_binarize: str = "half") -> tuple[dict, dict]:
-    """{dataset: {method: report}} for every split and method, and the model's metadata."""
-    art = read_artifact(model)
+def evaluate(art, splits: list[Split], methods: Sequence[str], device: str,
+             batch_size: int, limit: int | None, gt_binarize: str = "half") -> dict:
+    """{dataset: {method: report}} for every split and method of a read artifact."""
     results: dict[str, dict[str, dict]] = {s.name: {} for s in splits}
     for method in methods:
         predictor = predictor_from_artifact(art, device, method, batch_size)
@@ -176,10 +209,48 @@ def evaluate(model: str, splits: list[Split], methods: Sequence[str], device: st
             results[split.name][method] = evaluate_model(
                 predictor, split.images, split.masks, boxes=split.boxes, limit=limit, stems=split.stems,
                 gt_binarize=gt_binarize)
+    return results
+
+
+def model_meta(art, gt_binarize: str) -> dict:
     cfg = art.config
-    meta = {"model_id": art.model_id, "backbone": cfg.backbone.name, "image_size": cfg.data.image_size,
+    return {"model_id": art.model_id, "backbone": cfg.backbone.name, "image_size": cfg.data.image_size,
             "random_backbone": bool(art.meta.get("random_backbone", False)), "gt_binarize": gt_binarize}
-    return results, meta
+
+
+def evaluate_coco_val(art, root: Path, device: str, batch_size: int, limit: int | None) -> dict:
+    """The model's instances on COCO val2017 (`sempart eval --instances`'s report)."""
+    gt = root / "annotations" / "instances_val2017.json"
+    images = _need(root / "val2017", "COCO val2017")
+    if not gt.is_file():
+        raise SystemExit(f"COCO val2017: {gt} is missing (see the layout in benchmarks/quality.py --help)")
+    predictor = predictor_from_artifact(art, device, "sempart", batch_size, InstanceConfig())
+    log.info("instances on COCO val2017")
+    return evaluate_model_instances(predictor, images, gt, limit)
+
+
+def _weights(meta: dict) -> str:
+    return "RANDOM backbone (plumbing check, figures meaningless)" if meta["random_backbone"] else "trained"
+
+
+def format_instance_table(report: dict, meta: dict) -> str:
+    """Markdown table of COCO val2017 class-agnostic figures: ours, then the published
+    rows with their variant and source; a figure not read from a source is 'not read'."""
+    header = (["method", "variant"] + [f"{kind} {k}" for kind in ("box", "mask") for k in STATS] + ["source"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ours = [f"{100 * report[kind][k]:.1f}" for kind in ("box", "mask") for k in STATS]
+    lines.append("| " + " | ".join([*OUR_INSTANCES, *ours, "this run"]) + " |")
+    for pub in PUBLISHED_INSTANCES:
+        cells = [f"{figures[k]:.1f}" if k in figures else "not read" for figures in (pub.box, pub.mask) for k in STATS]
+        lines.append("| " + " | ".join([f"{pub.name} (published)", pub.variant, *cells, pub.source]) + " |")
+    lines += [
+        "",
+        f"Ours: model {meta['model_id'][:12]} ({_weights(meta)}), backbone {meta['backbone']} at "
+        f"{meta['image_size']} px; {report['images']} of the {report['gt_images']} val2017 images, "
+        f"{report['detections']} detections. Figures in %, class-agnostic COCOeval (every category "
+        "one, crowd regions ignored).",
+    ]
+    return "\n".join(lines)
 
 
 def our_figures(results: dict) -> dict:
@@ -230,10 +301,9 @@ def format_table(rows: dict, datasets: list[str], meta: dict) -> str:
                 [f[0], f[1], f[2] if pub.maxf == "maxF_dataset" else None, f[2] if pub.maxf == "maxF_image" else None]))
         cells += ["n/a" if pub.corloc[d] is None else _cell([pub.corloc[d]]) for d in corloc]
         lines.append("| " + " | ".join([f"{pub.name} (published)", pub.variant, *cells, pub.source]) + " |")
-    weights = "RANDOM backbone (plumbing check, figures meaningless)" if meta["random_backbone"] else "trained"
     lines += [
         "",
-        f"Ours: model {meta['model_id'][:12]} ({weights}), backbone {meta['backbone']} at "
+        f"Ours: model {meta['model_id'][:12]} ({_weights(meta)}), backbone {meta['backbone']} at "
         f"{meta['image_size']} px; TokenCut rows use the same backbone and size. Figures in %; '-' = the "
         "source does not report that convention; n/a = no figure from a source read here.",
         f"Ground truth: {GT_BINARIZE[meta['gt_binarize']]} (--gt-binarize {meta['gt_binarize']}).",
@@ -268,7 +338,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--model", help="model folder or URI (a trained SEMPART artifact)")
-    for flag in ("duts-te", "ecssd", "dut-omron", "voc07", "voc12", "coco20k"):
+    for flag in ("duts-te", "ecssd", "dut-omron", "voc07", "voc12", "coco20k", "coco-val"):
         parser.add_argument(f"--{flag}", type=Path, metavar="DIR")
     parser.add_argument("--coco20k-list", type=Path, metavar="FILE",
                         help="coco_20k_filenames.txt (LOST/TokenCut): the COCO20k images; required with --coco20k")
@@ -309,15 +379,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 splits.append(voc_split(name, Path(root)))
             else:
                 splits.append(coco_split(name, Path(root), args.coco20k_list))
-        if not splits:
+        if not splits and args.coco_val is None:
             raise SystemExit("give at least one dataset folder (--duts-te DIR, ...)")
-        results, meta = evaluate(args.model, splits, args.methods, args.device, args.batch_size, args.limit,
-                                 args.gt_binarize)
+        art = read_artifact(args.model)
+        meta = model_meta(art, args.gt_binarize)
+        results = (evaluate(art, splits, args.methods, args.device, args.batch_size, args.limit, args.gt_binarize)
+                   if splits else {})
+        coco = (evaluate_coco_val(art, Path(args.coco_val), args.device, args.batch_size, args.limit)
+                if args.coco_val is not None else None)
     rows = our_figures(results)
-    print(format_table(rows, [s.name for s in splits], meta))
-    published = [{"name": p.name, "variant": p.variant, "source": p.source, "maxF": p.maxf, **p.sod, **p.corloc}
-                 for p in PUBLISHED]
-    print(json.dumps({**meta, "methods": args.methods, "ours": rows, "published": published}))
+    figures = {**meta, "methods": args.methods}
+    if splits:
+        print(format_table(rows, [s.name for s in splits], meta))
+        figures.update(ours=rows, published=[{"name": p.name, "variant": p.variant, "source": p.source,
+                                              "maxF": p.maxf, **p.sod, **p.corloc} for p in PUBLISHED])
+    if coco is not None:
+        print(format_instance_table(coco, meta))
+        figures["coco_val"] = {"ours": {k: coco[k] for k in ("box", "mask", "images", "detections")},
+                               "published": [vars(p) for p in PUBLISHED_INSTANCES]}
+    print(json.dumps(figures))
     return 0
 
 

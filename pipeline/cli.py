@@ -107,7 +107,9 @@ def eval_cmd(
     gt_binarize: str = typer.Option("half", "--gt-binarize", help="half: GT > 127 (classic SOD) | nonzero: any non-zero GT pixel (TokenCut's code)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or URI (with --images)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images to predict."),
-    pred: Optional[Path] = typer.Option(None, "--pred", help="Folder of predicted maps (PNG/.npy), at the image's size for --boxes."),
+    pred: Optional[str] = typer.Option(None, "--pred", help="Folder of predicted maps (PNG/.npy), at the image's size for --boxes; with --instances the --out of `sempart label --instances N`."),
+    instances: bool = typer.Option(False, "--instances", help="Score instances against --gt-coco: class-agnostic COCO AP, AP50, AP75, AR1/10/100 of boxes and masks (--model: MaskCut's defaults, up to 3 per image)."),
+    gt_coco: Optional[Path] = typer.Option(None, "--gt-coco", help="COCO instances JSON for --instances; images matched by file name."),
     method: str = typer.Option("sempart", help="sempart | tokencut (TokenCut as published, on the model's backbone) | tokencut-bs (TokenCut + bilateral solver)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the precision-recall curve PNG."),
@@ -118,14 +120,22 @@ def eval_cmd(
         help="Most backbone tokens in one model call; a call out of memory is split in halves."),
 ) -> None:
     """Score masks like the salient-object literature (Acc, IoU, MAE, maxF both conventions;
-    coarse and fine, border rule on and off) and boxes like object discovery (CorLoc)."""
+    coarse and fine, border rule on and off), boxes like object discovery (CorLoc), and
+    instances like unsupervised instance segmentation (class-agnostic COCO AP and AR)."""
     from pipeline.annotations import read_boxes
     from pipeline.evaluate import GT_BINARIZE, evaluate_dirs, evaluate_model, format_report, write_pr_plot, write_report
+    from pipeline.instance_eval import evaluate_model_instances, evaluate_table, format_instance_report
     from sempart_core.batching import ImageOutOfMemory
+    from sempart_core.config import InstanceConfig
 
     if (pred is None) == (model is None) or (model is not None and images is None):
         raise UsageError("give either --pred DIR, or --model MODEL with --images DIR")
-    if gt is None and boxes is None:
+    if instances or gt_coco is not None:
+        others = [v for v in (gt, boxes, coco20k_list, plot) if v is not None]
+        if not (instances and gt_coco is not None) or others:
+            raise UsageError("--instances scores against --gt-coco COCO.json alone: give both, without "
+                             "--gt, --boxes, --coco20k-list or --plot")
+    elif gt is None and boxes is None:
         raise UsageError("give --gt MASKS and/or --boxes ANNOTATIONS")
     if coco20k_list is not None and boxes is None:
         raise UsageError("--coco20k-list selects images of --boxes COCO.json: give both")
@@ -137,21 +147,24 @@ def eval_cmd(
         raise UsageError(f"--max-batch-tokens must be at least 1, got {max_batch_tokens}")
     gt_boxes = read_boxes(boxes, coco20k_list) if boxes is not None else None
     if pred is not None:
-        report = evaluate_dirs(pred, gt, boxes=gt_boxes, gt_binarize=gt_binarize)
+        report = (evaluate_table(gt_coco, pred, limit) if instances
+                  else evaluate_dirs(pred, gt, boxes=gt_boxes, gt_binarize=gt_binarize))
     else:
         from sempart_core.predictor import load_predictor
 
-        predictor = load_predictor(model, method=method, batch_size=batch_size)
+        predictor = load_predictor(model, method=method, batch_size=batch_size,
+                                   instances=InstanceConfig() if instances else None)
         predictor.max_batch_tokens = max_batch_tokens
         try:
-            report = evaluate_model(predictor, images, gt, boxes=gt_boxes, limit=limit, gt_binarize=gt_binarize)
+            report = (evaluate_model_instances(predictor, images, gt_coco, limit) if instances
+                      else evaluate_model(predictor, images, gt, boxes=gt_boxes, limit=limit, gt_binarize=gt_binarize))
         except ImageOutOfMemory as exc:
             raise UsageError(f"{exc}: lower --max-batch-tokens or use a bigger device") from exc
     if json_out:
         write_report(report, json_out)
     if plot:
         write_pr_plot(report, plot)
-    typer.echo(format_report(report))
+    typer.echo(format_instance_report(report) if instances else format_report(report))
     scalars = {k: v for k, v in report.items() if not isinstance(v, list)}
     typer.echo(json.dumps(scalars))
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -295,12 +295,7 @@ def evaluate_model(
 ) -> dict:
     """Predict every image that has ground truth (a mask in `gt_dir`, boxes in `boxes`,
     both when both are given; only `stems` if given) and score it (`ModelScores`).
-
-    Images are decoded as the datasets store them, without EXIF orientation: that is
-    the pixel grid their masks and boxes were drawn on.
     """
-    from sempart_core.images import decode_image
-
     if gt_dir is None and boxes is None:
         raise ValueError("give ground-truth masks, boxes, or both")
     images_dir = Path(images_dir)
@@ -315,19 +310,14 @@ def evaluate_model(
     images = images[:limit] if limit else images
     rules = BORDER_RULES if predictor.method == "sempart" else TOKENCUT_RULES
     scores = ModelScores(gts is not None, boxes is not None, rules, predictor.config.post.threshold)
-    step = predictor.batch_size * 4
-    for start in range(0, len(images), step):
-        chunk = images[start : start + step]
-        preds = predictor.predict([decode_image(p.read_bytes(), exif_transpose=False) for p in chunk])
-        for path, pred in zip(chunk, preds):
-            mask = read_mask(gts[path.stem], gt_binarize) if gts is not None else None
-            try:
-                if boxes is not None:
-                    _check_annotated_size(pred.prob.shape, boxes.sizes.get(path.stem))
-                scores.add(pred, mask, boxes.boxes[path.stem] if boxes is not None else None)
-            except ValueError as err:
-                raise ValueError(f"image '{path.stem}': {err}") from err
-        logger.info("evaluated %d/%d images", start + len(chunk), len(images))
+    for path, pred in predict_images(predictor, images):
+        mask = read_mask(gts[path.stem], gt_binarize) if gts is not None else None
+        try:
+            if boxes is not None:
+                check_annotated_size(pred.prob.shape, boxes.sizes.get(path.stem))
+            scores.add(pred, mask, boxes.boxes[path.stem] if boxes is not None else None)
+        except ValueError as err:
+            raise ValueError(f"image '{path.stem}': {err}") from err
     report = scores.result()
     if boxes is not None:
         report["corloc"].update(boxes.describe(), n_missing=len(missing))
@@ -343,8 +333,23 @@ def evaluate_model(
     return report
 
 
-def _check_annotated_size(shape: tuple[int, ...], annotated: tuple[int, int] | None) -> None:
-    """Boxes are in the pixels their annotation records: the image must have that size."""
+def predict_images(predictor, images: list[Path]) -> Iterator[tuple[Path, Prediction]]:
+    """(path, prediction) of each image file, predicted a few batches at a time.
+
+    Images are decoded as the datasets store them, without EXIF orientation: that is
+    the pixel grid their masks and boxes were drawn on.
+    """
+    from sempart_core.images import decode_image
+
+    step = predictor.batch_size * 4
+    for start in range(0, len(images), step):
+        chunk = images[start : start + step]
+        yield from zip(chunk, predictor.predict([decode_image(p.read_bytes(), exif_transpose=False) for p in chunk]))
+        logger.info("evaluated %d/%d images", start + len(chunk), len(images))
+
+
+def check_annotated_size(shape: tuple[int, ...], annotated: tuple[int, int] | None) -> None:
+    """Boxes and masks are in the pixels their annotation records: the image must have that size."""
     if annotated is not None and tuple(shape[:2]) != tuple(annotated):
         raise ValueError(f"the image is {shape[1]}x{shape[0]} but its annotation records "
                          f"{annotated[1]}x{annotated[0]}: not the image the boxes were drawn on")

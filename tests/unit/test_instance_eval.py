@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.instance_eval import Detection, evaluate_instances, table_detections
+from pipeline.instance_eval import Detection, evaluate_instances, image_name, read_coco_gt, table_detections
 from sempart_core.postprocess import mask_to_rle
 
 # Two 100 x 100 images: a.jpg holds objects A and B (different categories), b.jpg holds C.
@@ -24,6 +24,11 @@ def rle(box: list[float]) -> dict:
 
 @pytest.fixture
 def gt_json(tmp_path: Path) -> Path:
+    return write_gt(tmp_path / "gt.json")
+
+
+def write_gt(path: Path) -> Path:
+    """The two images' ground truth as a COCO instances file at `path`."""
     images = [{"id": 1, "file_name": "train/a.jpg", "width": 100, "height": 100},
               {"id": 2, "file_name": "train/b.jpg", "width": 100, "height": 100}]
     anns = []
@@ -31,7 +36,6 @@ def gt_json(tmp_path: Path) -> Path:
         anns.append({"id": k, "image_id": 1 if file == "a.jpg" else 2, "category_id": 3 if name != "B" else 7,
                      "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
                      "segmentation": rle([x1, y1, x2, y2])})
-    path = tmp_path / "gt.json"
     path.write_text(json.dumps({"images": images, "annotations": anns,
                                 "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]}))
     return path
@@ -69,11 +73,42 @@ def test_detections_of_other_images_are_counted_apart(gt_json: Path) -> None:
     assert report["box"]["AR100"] == pytest.approx(1 / 3, abs=1e-4)
 
 
-def test_table_rows_give_their_instances_or_their_one_mask() -> None:
+def test_table_rows_give_their_instances() -> None:
     inst = {"mask_rle": rle([1, 1, 5, 5]), "box": [1, 1, 5, 5], "area": 16, "score": 0.4, "ncut": 0.1}
-    rows = [{"uri": "a.jpg", "status": "ok", "mask_rle": rle([0, 0, 9, 9]), "box": [0, 0, 9, 9], "score": 0.8,
-             "instances": [inst, inst]},
-            {"uri": "b.jpg", "status": "ok", "mask_rle": rle([0, 0, 9, 9]), "box": [0, 0, 9, 9], "score": 0.7},
-            {"uri": "c.jpg", "status": "error", "mask_rle": None, "box": None, "score": None}]
+    rows = [{"uri": "a.jpg", "instances": [inst, inst]}, {"uri": "b.jpg", "instances": []},
+            {"uri": "c.jpg", "instances": None}]
     found = list(table_detections(rows))
-    assert [(d.file_name, d.score) for d in found] == [("a.jpg", 0.4), ("a.jpg", 0.4), ("b.jpg", 0.7)]
+    assert [(d.file_name, d.score) for d in found] == [("a.jpg", 0.4), ("a.jpg", 0.4)]
+
+
+def test_only_the_named_images_are_scored_and_an_image_without_objects_counts(gt_json: Path) -> None:
+    """Scoring b.jpg alone: A and B (of a.jpg) are neither misses nor matches. An
+    annotation-free image still counts: its detections are false positives."""
+    report = evaluate_instances(gt_json, [detect("A", 0.9), detect("C", 0.8)], ["b.jpg"])
+    assert (report["images"], report["gt_images"], report["detections"]) == (1, 2, 1)
+    assert report["box"]["AP"] == report["mask"]["AR100"] == 1.0
+    gt = json.loads(gt_json.read_text())
+    gt["images"].append({"id": 3, "file_name": "empty.jpg", "width": 100, "height": 100})
+    wrong = Detection("empty.jpg", rle([1, 1, 9, 9]), [1, 1, 9, 9], 0.99)
+    assert evaluate_instances(gt, [wrong, detect("C", 0.8)], ["b.jpg"])["box"]["AP"] == 1.0
+    report = evaluate_instances(gt, [wrong, detect("C", 0.8)], ["b.jpg", "empty.jpg"])
+    assert report["box"]["AP"] == report["mask"]["AP"] == 0.5  # precision 1/2 at every recall
+
+
+def test_tar_members_match_by_their_own_name() -> None:
+    assert image_name("s3://b/shards/000.tar#img/a.jpg") == "a.jpg"
+    assert image_name("file:///data/photos/a.jpg") == "a.jpg"
+
+
+@pytest.mark.parametrize("data", ["[1, 2]", '{"images": [{"id": 1}], "annotations": []}', "not json"])
+def test_a_file_that_is_not_coco_is_one_line(tmp_path: Path, data: str) -> None:
+    path = tmp_path / "gt.json"
+    path.write_text(data)
+    with pytest.raises(ValueError, match="COCO instances"):
+        read_coco_gt(path)
+
+
+def test_a_mask_of_another_size_than_its_image_is_an_error(gt_json: Path) -> None:
+    small = Detection("a.jpg", mask_to_rle(np.ones((50, 50), bool)), [0, 0, 50, 50], 0.9)
+    with pytest.raises(ValueError, match="image 'a.jpg': the image is 50x50"):
+        evaluate_instances(gt_json, [small])

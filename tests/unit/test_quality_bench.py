@@ -12,6 +12,7 @@ from scripts import load_script
 from PIL import Image
 
 from tests.unit.test_annotations import write_coco, write_voc
+from tests.unit.test_cli_eval_instances import instance_model, write_scenes
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
 DATA = Path(__file__).resolve().parents[1] / "data" / "duts-te"
@@ -105,3 +106,29 @@ def test_missing_layout_is_one_line(tmp_path) -> None:
     (tmp_path / "images").mkdir()
     with pytest.raises(SystemExit, match="ECSSD: .*ground_truth_mask is missing"):
         quality.main(["--quick", "--ecssd", str(tmp_path), "--methods", "sempart"])
+
+
+def test_coco_val_table_has_ours_and_the_published_rows(tmp_path, capsys) -> None:
+    """A val2017-layout folder of 3 synthetic scenes: our row's figures are the JSON's;
+    the published rows carry their source and print 'not read' for what no source here
+    gives."""
+    root = tmp_path / "coco"
+    write_scenes(root / "val2017", root / "annotations" / "instances_val2017.json", [0, 1, 2], suffix=".jpg")
+    model = instance_model(tmp_path / "model")
+    assert quality.main(["--model", model, "--coco-val", str(root)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(out[-1])["coco_val"]
+    table = [line.strip("| ").split(" | ") for line in out[:-1] if line.startswith("| ")]
+    assert table[0][2:-1] == [f"{kind} {k}" for kind in ("box", "mask") for k in ("AP", "AP50", "AP75", "AR1",
+                                                                                   "AR10", "AR100")]
+    rows = {(r[0], r[1]): r[2:] for r in table[1:]}
+    ours = rows[quality.OUR_INSTANCES]
+    assert ours[-1] == "this run" and figures["ours"]["images"] == 3 and figures["ours"]["detections"] > 0
+    assert ours[:-1] == [f"{100 * figures['ours'][kind][k]:.1f}" for kind in ("box", "mask")
+                         for k in ("AP", "AP50", "AP75", "AR1", "AR10", "AR100")]
+    cascade = next(v for (name, variant), v in rows.items() if name == "CutLER (published)" and "CutLER*" in variant)
+    assert cascade[:6] == ["not read", "21.9", "not read", "not read", "not read", "32.7"]
+    assert cascade[6:12] == ["not read"] * 6 and "facebookresearch/CutLER README" in cascade[-1]
+    maskcut = next(v for (name, _), v in rows.items() if name == "MaskCut (published)")
+    assert maskcut[:12] == ["not read"] * 12 and "not read here" in maskcut[-1]
+    assert any("3 of the 3 val2017 images" in line for line in out)
