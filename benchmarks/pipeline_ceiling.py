@@ -151,6 +151,22 @@ def tree_cpu(pid: int) -> dict[int, float]:
     return out
 
 
+def process_name(pid: int) -> str | None:
+    """A short name: the program (raylet, gcs_server, ...), or a Ray worker's title
+    (ray::MapWorker(MapBatches(Infer)), ray::MapBatches(finish_batch), ...)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    first = args[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split(" ")[0].split(".")[0]
+    if "python" in Path(first).name and len(args) > 1:
+        script = next((a.decode(errors="replace") for a in args[1:] if a.endswith(b".py")), "")
+        return "python " + Path(script).name if script else "python"
+    return Path(first).name
+
+
 STARTUP_TIMEOUT = "timed out during startup"  # Ray's 30 s limit for its raylet, met on a loaded machine
 FIRST_ROWS = "first rows at the writer"  # pipeline.label.consume logs it once
 MODES = {"gpu": ["--decode", "gpu", "--finish", "device"], "cpu": ["--decode", "cpu", "--finish", "cpu"]}
@@ -161,7 +177,7 @@ class TreeSampler:
     `interval` s in a thread, and on demand (`now`) at the moments that matter."""
 
     def __init__(self, pid: int, interval: float):
-        self.pid, self.interval, self.seen = pid, interval, {}
+        self.pid, self.interval, self.seen, self.names = pid, interval, {}, {}
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -176,7 +192,19 @@ class TreeSampler:
         cpu = tree_cpu(self.pid)
         with self.lock:
             self.seen.update(cpu)
+            for p in cpu:
+                if p not in self.names or self.names[p].startswith(("ray::IDLE", "python")):
+                    self.names[p] = process_name(p) or self.names.get(p, "?")
             return sum(self.seen.values())
+
+    def by_name(self) -> dict[str, float]:
+        """CPU seconds per kind of process (driver, raylet, gcs_server, ray::<task or actor>)."""
+        out: dict[str, float] = {}
+        with self.lock:
+            for p, cpu in self.seen.items():
+                name = "driver" if p == self.pid else self.names.get(p, "?")
+                out[name] = out.get(name, 0.0) + cpu
+        return out
 
     def close(self) -> float:
         self.stop.set()
@@ -212,7 +240,7 @@ def sempart_label(label_args: list[str], out: Path, interval: float = 0.5, attem
         output = "".join(lines)
         if proc.returncode in (0, 1) and (out / "_runs").is_dir() and "summary" in marks:
             run = json.loads(next((out / "_runs").glob("*.json")).read_text())
-            return {"run": run, "marks": marks, "processes": len(tree.seen)}
+            return {"run": run, "marks": marks, "processes": len(tree.seen), "by_process": tree.by_name()}
         if STARTUP_TIMEOUT not in output:
             break
         print(f"Ray did not start in time (attempt {attempt + 1}); resuming", file=sys.stderr, flush=True)
@@ -239,7 +267,7 @@ def label_end_to_end(args: argparse.Namespace, n: int, model: Path) -> dict:
     return {"out": out, "rows_per_s": run["images_per_s"], "timings": run["timings"],
             "invocations": run["invocations"], "processes": result["processes"],
             "wall_s": exit_wall, "cpu_s": exit_cpu, "startup_s": first_wall, "startup_cpu_s": first_cpu,
-            "device_cpu_s": run["timings"].get("device_cpu_s", 0.0)}
+            "device_cpu_s": run["timings"].get("device_cpu_s", 0.0), "by_process": result["by_process"]}
 
 
 IDLE_CHILD = """
@@ -407,6 +435,10 @@ def main(argv: list[str] | None = None) -> None:
           f"CPU-s (ray.init {t['ray_start_s']:.1f} s, then {t['first_row_s']:.1f} s to the first rows)")
     print(f"  the {rows:,} rows more than the fixed run: {e2e['cpu_s'] - base['cpu_s']:.1f} CPU-s = device stages "
           f"{device_s:.1f} + idle Ray {fixed / 1000 * extra_s:.1f} ({extra_s:.1f} s) + the rest")
+    by_process = {k: round(1000 * (v - base["by_process"].get(k, 0.0)) / rows, 3)
+                  for k, v in sorted(e2e["by_process"].items(), key=lambda kv: -kv[1])}
+    print("  CPU-ms per extra row by process (device stages included in the inference actors'): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in by_process.items()))
     print(f"  CPU-ms per row in CPU processes: {cpu_per_row:.2f}; in the device stages: {device_per_row:.2f}; "
           f"fixed: {fixed:.1f} CPU-ms per s")
     print(f"  cores per GPU at {args.gpu_rate:.0f} img/s: {cpu_per_row:.2f} x {args.gpu_rate / 1000:g} + "
@@ -418,7 +450,8 @@ def main(argv: list[str] | None = None) -> None:
                "startup_s": round(e2e["startup_s"], 1), "startup_cpu_s": round(e2e["startup_cpu_s"], 1),
                "base_n": args.base_n, "base_cpu_s": round(base["cpu_s"], 1), "base_wall_s": round(base["wall_s"], 1),
                "cpu_s": round(e2e["cpu_s"], 1),
-               "device_cpu_s": round(e2e["device_cpu_s"], 1), "label_timings": t, "processes": e2e["processes"]}
+               "device_cpu_s": round(e2e["device_cpu_s"], 1), "label_timings": t, "processes": e2e["processes"],
+               "cpu_ms_per_row_by_process": by_process}
     if args.sample:
         stages = stage_costs(args, folder, model)
         print(f"CPU-ms per image, {args.sample:,} images in-process (1 thread):")
