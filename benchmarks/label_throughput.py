@@ -31,6 +31,12 @@ OMP_WAIT_POLICY.
     python benchmarks/label_throughput.py --images DIR   # your own images (default: the 12 DUTS-TE
                                                      # photos in tests/data, cycled up to --n)
 
+It also reports the fixed cost before the first row, paid once per run: `ray.init`, then
+from the start of Ray Data to the first rows at the writer (the run record's
+`first_row_s`: the actors start, import torch and timm and load the model), and the
+model loads the run's output shows (each actor logs its load; at most one per actor,
+however many blocks it labels).
+
 Bulk labelling is the use: the default run is long enough (about 500 s per side on 2
 CPUs) that Ray's fixed start-up (~10 s: `ray.init`, worker processes, the model load in
 the actor) weighs as it would in a real job; `--n 32` shows that start-up instead.
@@ -148,14 +154,14 @@ def baseline_child(model: str, folder: str, out: str, batch_size: int, device: s
 # ---------------------------------------------------------------- the two sides
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str, str]:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **env})
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         sys.stderr.write((proc.stdout + proc.stderr)[-4000:])
         raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(cmd[:4])} ...")
-    return seconds, proc.stdout + proc.stderr
+    return seconds, proc.stdout, proc.stderr
 
 
 MODEL_LOADED = "uses a RANDOM backbone"  # the line each load of the benchmark's model logs (predictor.py)
@@ -168,7 +174,9 @@ def ours(model: Path, folder: Path, out: Path, args: argparse.Namespace) -> dict
     cmd = [sys.executable, "-c", "from pipeline.cli import app; app(prog_name='sempart')",
            "label", "--model", str(model), "--input", str(folder), "--out", str(out),
            "--batch-size", str(args.batch_size), "--gpu" if args.gpu else "--no-gpu", *args.label_args.split()]
-    wall, output = timed(cmd, {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DEDUP_LOGS": "0", "PYTHONPATH": str(REPO)})
+    wall, stdout, stderr = timed(cmd, {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DEDUP_LOGS": "0",
+                                       "PYTHONPATH": str(REPO)})
+    output = stdout + stderr
     run = json.loads(next((out / "_runs").glob("*.json")).read_text())
     actors = run["last_config"].get("actors") or (
         torch_gpus() if args.gpu else int(os.environ.get("SEMPART_NUM_CPUS") or os.cpu_count() or 1))
@@ -185,7 +193,7 @@ def torch_gpus() -> int:
 def baseline(model: Path, folder: Path, out: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--baseline-child", str(model), str(folder), str(out), str(args.batch_size),
            "cuda" if args.gpu else "cpu"]
-    wall, stdout = timed(cmd, {"OMP_WAIT_POLICY": "PASSIVE"})  # as the pipeline's CPU actors
+    wall, stdout, _ = timed(cmd, {"OMP_WAIT_POLICY": "PASSIVE"})  # as the pipeline's CPU actors
     return {"wall_s": wall, **json.loads(stdout.strip().splitlines()[-1])}
 
 
