@@ -31,6 +31,7 @@ import argparse
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,14 +55,24 @@ VARIANTS_PER_PHOTO = 16  # distinct encodings per photo (crop offset, flip, qual
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="200 images, 100 in the per-stage sample.")
+    parser.add_argument("--decode", choices=sorted(MODES), default="gpu",
+                        help="gpu: `--decode gpu --finish device` (the CPUs fetch bytes, compress and write; "
+                             "without a GPU the actor's device stages run on its CPU, timed apart); "
+                             "cpu: `--decode cpu --finish cpu`.")
+    parser.add_argument("--quick", action="store_true", help="200 images, 100 in the per-stage sample, 5 s idle.")
     parser.add_argument("--n", type=int, help="Images labelled end to end (default 20,000).")
-    parser.add_argument("--sample", type=int, help="Images timed per stage in-process (default 1,000).")
+    parser.add_argument("--sample", type=int, help="Images timed per stage in-process (default 1,000; 0: none).")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sempart-ceiling", help="Images, model, outputs.")
     parser.add_argument("--interval", type=float, default=0.5, help="Seconds between /proc CPU samples.")
+    parser.add_argument("--idle-s", type=float, help="Seconds the idle Ray's CPU is read (default 30).")
+    parser.add_argument("--settle", type=float, default=5.0, help="Seconds the idle Ray is left to settle first.")
+    parser.add_argument("--base-n", type=int, default=32,
+                        help="Images of the second, small run whose cost is subtracted as the run's fixed cost.")
+    parser.add_argument("--gpu-rate", type=float, default=2500.0, help="img/s of one GPU, for the cores it needs.")
     args = parser.parse_args(argv)
     args.n = args.n or (200 if args.quick else 20_000)
-    args.sample = min(args.n, args.sample or (100 if args.quick else 1_000))
+    args.sample = min(args.n, 100 if args.quick else 1_000) if args.sample is None else min(args.n, args.sample)
+    args.idle_s = args.idle_s or (5.0 if args.quick else 30.0)
     return args
 
 
@@ -140,25 +151,96 @@ def tree_cpu(pid: int) -> dict[int, float]:
     return out
 
 
+def process_name(pid: int) -> str | None:
+    """A short name: the program (raylet, gcs_server, ...), or a Ray worker's title
+    (ray::MapWorker(MapBatches(Infer)), ray::MapBatches(finish_batch), ...)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    first = args[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split(" ")[0].split(".")[0]
+    if "python" in Path(first).name and len(args) > 1:
+        script = next((a.decode(errors="replace") for a in args[1:] if a.endswith(b".py")), "")
+        return "python " + Path(script).name if script else "python"
+    return Path(first).name
+
+
 STARTUP_TIMEOUT = "timed out during startup"  # Ray's 30 s limit for its raylet, met on a loaded machine
+FIRST_ROWS = "first rows at the writer"  # pipeline.label.consume logs it once
+MODES = {"gpu": ["--decode", "gpu", "--finish", "device"], "cpu": ["--decode", "cpu", "--finish", "cpu"]}
 
 
-def sempart_label(label_args: list[str], out: Path, on_start=None, attempts: int = 5) -> dict:
-    """`sempart label ... --out OUT` in a subprocess; returns the run record. When Ray's
+class TreeSampler:
+    """The CPU seconds of a process tree: every process's last value seen, sampled every
+    `interval` s in a thread, and on demand (`now`) at the moments that matter."""
+
+    def __init__(self, pid: int, interval: float):
+        self.pid, self.interval, self.seen, self.names = pid, interval, {}, {}
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.now()
+            self.stop.wait(self.interval)
+
+    def now(self) -> float:
+        """Sample now; the tree's CPU seconds so far."""
+        cpu = tree_cpu(self.pid)
+        with self.lock:
+            self.seen.update(cpu)
+            for p in cpu:
+                if p not in self.names or self.names[p].startswith(("ray::IDLE", "python")):
+                    self.names[p] = process_name(p) or self.names.get(p, "?")
+            return sum(self.seen.values())
+
+    def by_name(self) -> dict[str, float]:
+        """CPU seconds per kind of process (driver, raylet, gcs_server, ray::<task or actor>)."""
+        out: dict[str, float] = {}
+        with self.lock:
+            for p, cpu in self.seen.items():
+                name = "driver" if p == self.pid else self.names.get(p, "?")
+                out[name] = out.get(name, 0.0) + cpu
+        return out
+
+    def close(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        with self.lock:
+            return sum(self.seen.values())
+
+
+def sempart_label(label_args: list[str], out: Path, interval: float = 0.5, attempts: int = 5) -> dict:
+    """`sempart label ... --out OUT` in a subprocess running this checkout's code; returns
+    the run record and, from its last start, the tree's CPU seconds and wall seconds at
+    three moments: the first rows at the writer, the summary line, the exit. When Ray's
     node fails to start in time (a loaded machine), the run is resumed, up to `attempts`
-    starts. `on_start(pid)` is called with each subprocess's pid."""
+    starts."""
     cmd = [sys.executable, "-c", "from pipeline.cli import app; app(prog_name='sempart')",
            "label", *label_args, "--out", str(out)]
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(REPO)}
     for attempt in range(attempts):
         resume = ["--resume"] if attempt else []
+        start = time.perf_counter()
         proc = subprocess.Popen(cmd + resume, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-        if on_start:
-            on_start(proc.pid)
-        output = proc.communicate()[0]
-        if proc.returncode in (0, 1) and (out / "_runs").is_dir() and "labelled" in output:
-            return json.loads(next((out / "_runs").glob("*.json")).read_text())
+        tree, marks, lines = TreeSampler(proc.pid, interval), {}, []
+        for line in proc.stdout:
+            lines.append(line)
+            key = "first_row" if FIRST_ROWS in line else "summary" if line.startswith("labelled ") else None
+            if key and key not in marks:
+                marks[key] = (time.perf_counter() - start, tree.now())
+                if key == "first_row":
+                    marks["first_rows"] = int(re.search(r"\((\d+) rows\)", line).group(1))
+        proc.wait()
+        marks["exit"] = (time.perf_counter() - start, tree.close())
+        output = "".join(lines)
+        if proc.returncode in (0, 1) and (out / "_runs").is_dir() and "summary" in marks:
+            run = json.loads(next((out / "_runs").glob("*.json")).read_text())
+            return {"run": run, "marks": marks, "processes": len(tree.seen), "by_process": tree.by_name()}
         if STARTUP_TIMEOUT not in output:
             break
         print(f"Ray did not start in time (attempt {attempt + 1}); resuming", file=sys.stderr, flush=True)
@@ -166,30 +248,67 @@ def sempart_label(label_args: list[str], out: Path, on_start=None, attempts: int
     raise SystemExit(f"sempart label failed (exit {proc.returncode})")
 
 
-def label_end_to_end(args: argparse.Namespace, folder: Path, model: Path) -> dict:
-    """`sempart label` with the stand-in model; its rows/s and the CPU time of its
-    process tree (the last value seen of each process, sampled every `--interval` s)."""
-    out = args.work / f"out-{args.n}-{os.getpid()}"
+def label_end_to_end(args: argparse.Namespace, n: int, model: Path) -> dict:
+    """`sempart label` of `n` images with the stand-in model in mode `--decode`; its
+    rows/s, the CPU seconds of its process tree in all and until its first rows reached
+    the writer (start-up: Ray, the actors' imports and model load, the first blocks)."""
+    folder = image_folder(args.work, n)
+    out = args.work / f"out-{args.decode}-{n}-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
-    seen: dict[int, float] = {}
-    stop = threading.Event()
+    result = sempart_label(["--model", str(model), "--input", str(folder), "--no-gpu", *MODES[args.decode]],
+                           out, args.interval)
+    run, marks = result["run"], result["marks"]
+    if sum(run["counts"].values()) != n:
+        raise SystemExit(f"expected {n} rows, the run record says {run['counts']}")
+    first_wall, first_cpu = marks.get("first_row", (None, None))
+    if first_wall is None:
+        raise SystemExit(f"no {FIRST_ROWS!r} line in the output of sempart label")
+    exit_wall, exit_cpu = marks["exit"]
+    return {"out": out, "rows_per_s": run["images_per_s"], "timings": run["timings"],
+            "invocations": run["invocations"], "processes": result["processes"],
+            "wall_s": exit_wall, "cpu_s": exit_cpu, "startup_s": first_wall, "startup_cpu_s": first_cpu,
+            "device_cpu_s": run["timings"].get("device_cpu_s", 0.0), "by_process": result["by_process"]}
 
-    def sample(pid: int) -> None:
-        while not stop.is_set():
-            seen.update(tree_cpu(pid))
-            stop.wait(args.interval)
 
-    def on_start(pid: int) -> None:
-        threading.Thread(target=sample, args=(pid,), daemon=True).start()
+IDLE_CHILD = """
+import sys, time
+import ray
+from pipeline.cluster import init_ray
+init_ray()
+@ray.remote(num_cpus=0)
+class Idle:
+    def ready(self):
+        return True
+actors = [Idle.remote() for _ in range(int(sys.argv[1]))]
+ray.get([a.ready.remote() for a in actors])
+print("ready", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
 
-    start = time.perf_counter()
-    run = sempart_label(["--model", str(model), "--input", str(folder), "--no-gpu"], out, on_start)
-    stop.set()
-    wall = time.perf_counter() - start
-    if sum(run["counts"].values()) != args.n:
-        raise SystemExit(f"expected {args.n} rows, the run record says {run['counts']}")
-    return {"out": out, "wall_s": wall, "rows_per_s": run["images_per_s"], "timings": run["timings"],
-            "cpu_s": sum(seen.values()), "processes": len(seen), "invocations": run["invocations"]}
+
+def idle_ray(args: argparse.Namespace) -> dict:
+    """The fixed CPU cost per second of an idle local Ray of the run's shape: started as
+    `sempart label` starts it (`init_ray`, the same CPUs), with as many idle actors as
+    the run has (one inference actor per CPU, the writer). After `--settle` s the tree's
+    CPU is read over `--idle-s` s, nothing running."""
+    actors = int(os.environ.get("SEMPART_NUM_CPUS") or os.cpu_count() or 1) + 1
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", IDLE_CHILD, str(actors), str(args.settle + args.idle_s + 60)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        tree = TreeSampler(proc.pid, args.interval)
+        if proc.stdout.readline().strip() != "ready":
+            raise SystemExit("the idle Ray did not start")
+        time.sleep(args.settle)
+        t0, c0 = time.perf_counter(), tree.now()
+        time.sleep(args.idle_s)
+        t1, c1 = time.perf_counter(), tree.now()
+        processes = len(tree.seen)
+        tree.close()
+    finally:
+        proc.terminate()
+        proc.wait()
+    return {"fixed_cpu_ms_per_s": 1000 * (c1 - c0) / (t1 - t0), "idle_s": t1 - t0, "processes": processes}
 
 
 # ---------------------------------------------------------------- 2. stage by stage
@@ -257,6 +376,7 @@ def writer_ceiling(args: argparse.Namespace, labelled: Path) -> dict[str, float]
     for name, values in (("s3_retries", [None] * n), ("chunk_rows", [None] * n), ("row", index % per_file),
                          ("chunk", index // per_file)):
         rows = rows.add_column(0, name, pa.array(values, pa.int64()))
+    rows = rows.append_column("device_s", pa.nulls(n, pa.float64()))
     chunks = -(-n // per_file)
     ends = pa.table({"chunk": range(chunks), "row": [-1] * chunks,
                      "chunk_rows": [min(per_file, n - k * per_file) for k in range(chunks)]})
@@ -282,38 +402,69 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     folder = image_folder(args.work, args.n)
     model = stand_in_model(args.work)
-    print(f"{args.n:,} JPEGs in {folder}; model {BACKBONE} (RANDOM) at {IMAGE_SIZE} px", flush=True)
-    e2e = label_end_to_end(args, folder, model)
+    if not 0 < args.base_n < args.n:
+        raise SystemExit(f"--base-n must be between 0 and --n, got {args.base_n}")
+    print(f"{args.n:,} JPEGs in {folder}; model {BACKBONE} (RANDOM) at {IMAGE_SIZE} px; "
+          f"--decode {args.decode} ({' '.join(MODES[args.decode])})", flush=True)
+    idle = idle_ray(args)
+    fixed = idle["fixed_cpu_ms_per_s"]
+    print(f"idle Ray ({idle['processes']} processes): {fixed:.1f} CPU-ms per second over {idle['idle_s']:.0f} s",
+          flush=True)
+    base = label_end_to_end(args, args.base_n, model)
+    print(f"sempart label of {args.base_n} images (the fixed cost of a run): {base['wall_s']:.1f} s wall, "
+          f"{base['cpu_s']:.1f} CPU-s, {base['device_cpu_s']:.1f} of them in the device stages", flush=True)
+    shutil.rmtree(base["out"])
+    e2e = label_end_to_end(args, args.n, model)
+    n = args.n
+    # Per row, from the difference of two runs (n and base_n images), so that what a run
+    # pays once (Ray's start, the actors' imports and model load, first calls, shutdown)
+    # drops out: the tree's CPU less the device stages (the inference actor's decode,
+    # model, finish, timed in the actor: on a GPU node they run on the GPU) less the idle
+    # cluster's cost over the extra seconds, per extra row.
+    rows = n - args.base_n
+    device_s = e2e["device_cpu_s"] - base["device_cpu_s"]
+    extra_s = e2e["wall_s"] - base["wall_s"]
+    cpu_per_row = 1000 * (e2e["cpu_s"] - base["cpu_s"] - device_s - fixed / 1000 * extra_s) / rows
+    device_per_row = 1000 * device_s / rows
+    cores = cpu_per_row * args.gpu_rate / 1000 + fixed / 1000
+    t = e2e["timings"]
     print(f"sempart label: {e2e['rows_per_s']:.1f} rows/s (labelling stage; {e2e['invocations']} invocation(s)), "
-          f"{e2e['wall_s']:.1f} s wall in all, "
-          f"{1000 * e2e['cpu_s'] / args.n:.2f} CPU-ms per row over {e2e['processes']} processes", flush=True)
-    stages = stage_costs(args, folder, model)
-    writer = writer_ceiling(args, e2e["out"])
+          f"{e2e['wall_s']:.1f} s wall in all over {e2e['processes']} processes, {e2e['cpu_s']:.1f} CPU-s "
+          f"= {1000 * e2e['cpu_s'] / n:.2f} CPU-ms per row with start-up")
+    print(f"  start-up until the first rows at the writer: {e2e['startup_s']:.1f} s wall, {e2e['startup_cpu_s']:.1f} "
+          f"CPU-s (ray.init {t['ray_start_s']:.1f} s, then {t['first_row_s']:.1f} s to the first rows)")
+    print(f"  the {rows:,} rows more than the fixed run: {e2e['cpu_s'] - base['cpu_s']:.1f} CPU-s = device stages "
+          f"{device_s:.1f} + idle Ray {fixed / 1000 * extra_s:.1f} ({extra_s:.1f} s) + the rest")
+    by_process = {k: round(1000 * (v - base["by_process"].get(k, 0.0)) / rows, 3)
+                  for k, v in sorted(e2e["by_process"].items(), key=lambda kv: -kv[1])}
+    print("  CPU-ms per extra row by process (device stages included in the inference actors'): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in by_process.items()))
+    print(f"  CPU-ms per row in CPU processes: {cpu_per_row:.2f}; in the device stages: {device_per_row:.2f}; "
+          f"fixed: {fixed:.1f} CPU-ms per s")
+    print(f"  cores per GPU at {args.gpu_rate:.0f} img/s: {cpu_per_row:.2f} x {args.gpu_rate / 1000:g} + "
+          f"{fixed / 1000:.2f} = {cores:.1f}", flush=True)
+    figures = {"decode": args.decode, "n": n, "cpu_ms_per_row": round(cpu_per_row, 3),
+               "fixed_cpu_ms_per_s": round(fixed, 2), "device_ms_per_row": round(device_per_row, 3),
+               "gpu_rate": args.gpu_rate, "cores_per_gpu": round(cores, 2), "rows_per_s": round(e2e["rows_per_s"], 1),
+               "wall_s": round(e2e["wall_s"], 1), "cpu_ms_per_row_with_startup": round(1000 * e2e["cpu_s"] / n, 3),
+               "startup_s": round(e2e["startup_s"], 1), "startup_cpu_s": round(e2e["startup_cpu_s"], 1),
+               "base_n": args.base_n, "base_cpu_s": round(base["cpu_s"], 1), "base_wall_s": round(base["wall_s"], 1),
+               "cpu_s": round(e2e["cpu_s"], 1),
+               "device_cpu_s": round(e2e["device_cpu_s"], 1), "label_timings": t, "processes": e2e["processes"],
+               "cpu_ms_per_row_by_process": by_process}
+    if args.sample:
+        stages = stage_costs(args, folder, model)
+        print(f"CPU-ms per image, {args.sample:,} images in-process (1 thread):")
+        for k, v in stages.items():
+            print(f"  {k:28} {v:8.3f}")
+        figures["cpu_ms_per_image"] = {k: round(v, 3) for k, v in stages.items()}
+        writer = writer_ceiling(args, e2e["out"])
+        print(f"writer alone: {writer['rows']:,} rows into {writer['files']} files, {writer['rows_per_cpu_s']:.0f} rows "
+              f"per CPU-s, {writer['rows_per_wall_s']:.0f} rows per wall-s")
+        figures["writer_rows_per_s"] = round(writer["rows_per_cpu_s"], 1)
     shutil.rmtree(e2e["out"])
-    per_image = {k: round(v, 3) for k, v in stages.items()}
-    cpu_path = sum(stages[k] for k in ("fetch", "decode_resize_320", "finish", "write"))
-    device_path = sum(stages[k] for k in ("fetch", "jpeg_header_only", "finish", "write"))
-    print(f"CPU-ms per image, {args.sample:,} images in-process (1 thread), {os.cpu_count()} CPUs, "
-          f"load {os.getloadavg()[0]:.1f}:")
-    for k, v in stages.items():
-        print(f"  {k:28} {v:8.3f}")
-    print(f"  CPU stages with PIL decode (fetch + decode_resize_320 + finish + write): {cpu_path:.3f} ms "
-          f"= {1000 / cpu_path:.0f} img/s per core")
-    print(f"  with decode on the device (fetch + header + finish + write):            {device_path:.3f} ms "
-          f"= {1000 / device_path:.0f} img/s per core")
-    print(f"writer alone: {writer['rows']:,} rows into {writer['files']} files, {writer['rows_per_cpu_s']:.0f} rows "
-          f"per CPU-s, {writer['rows_per_wall_s']:.0f} rows per wall-s")
-    print(json.dumps({
-        "rows_per_s": round(e2e["rows_per_s"], 1),
-        "writer_rows_per_s": round(writer["rows_per_cpu_s"], 1),
-        "writer_rows_per_wall_s": round(writer["rows_per_wall_s"], 1),
-        "cpu_ms_per_image": per_image,
-        "pipeline_cpu_ms_per_row": round(1000 * e2e["cpu_s"] / args.n, 3),
-        "cpu_stages_ms_pil_decode": round(cpu_path, 3),
-        "cpu_stages_ms_device_decode": round(device_path, 3),
-        "n": args.n, "sample": args.sample, "wall_s": round(e2e["wall_s"], 1), "label_timings": e2e["timings"],
-        "cpus": os.cpu_count(), "load": round(os.getloadavg()[0], 1),
-    }))
+    figures.update(cpus=os.cpu_count(), load=round(os.getloadavg()[0], 1))
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

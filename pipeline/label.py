@@ -680,6 +680,9 @@ def consume(ds: ray.data.Dataset, pending: list[int], counts: dict[str, int], st
                 raise batch
             if tally.first_row_s is None:
                 tally.first_row_s = time.perf_counter() - start
+                taken = sum(r for c, r in zip(batch.column("chunk").to_pylist(), batch.column("rows").to_pylist())
+                            if c == PROGRESS_ROW)
+                logger.info("first rows at the writer after %.1f s (%d rows)", tally.first_row_s, taken)
             for rec in batch.to_pylist():
                 if rec["chunk"] == PROGRESS_ROW:
                     continue

@@ -27,6 +27,10 @@ def test_label_throughput_compares_both_sides() -> None:
                         "--image-size", "32")
     ours, base, half = figures["ours_ips"], figures["baseline_ips"], 5e-4  # the JSON rounds to 3 decimals
     assert ours > 0 and base > 0
+    # Start-up is reported, and the model is loaded once per inference actor, not per block.
+    assert figures["ours_first_row_s"] > 0 and figures["ours_ray_start_s"] > 0
+    # (an actor still loading when the run ends may log nothing)
+    assert 1 <= figures["ours_model_loads"] <= figures["ours_actors"]
     # On a loaded machine the rates are small and their rounding, not the ratio, sets the tolerance.
     assert (ours - half) / (base + half) - half <= figures["ratio"] <= (ours + half) / (base - half) + half
 
