@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 # --durations: every run ends with the slowest tests, so that a slow one is seen early.
+# -n 2 --dist loadfile: two test processes, each taking whole files (a file's Ray
+# cluster or session is started once); most tests wait on Ray, S3 or a subprocess, so
+# two share 2 cores well.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -204,7 +204,7 @@ def label_end_to_end(plan: Plan, work: Path, model: Path) -> dict:
     folder = image_folder(work, plan.label_images)
     label_args = ["--model", str(model), "--input", str(folder), "--batch-size", str(plan.batch_size),
                   *(["--no-gpu"] if plan.device == "cpu" else [])]
-    run = sempart_label(label_args, work / "label-out")
+    run = sempart_label(label_args, work / "label-out")["run"]
     return {"images": sum(run["counts"].values()), "ips": run["images_per_s"], "timings": run["timings"]}
 
 
