@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 # --durations: every run ends with the slowest tests, so that a slow one is seen early.
 # -n 2 --dist loadfile: two test processes, each taking whole files (a file's Ray
 # cluster or session is started once); most tests wait on Ray, S3 or a subprocess, so
-# two share 2 cores well.
+# two share 2 cores well. --no-loadscope-reorder: files in the order tests/conftest.py
+# gives, the slowest first.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -77,3 +77,29 @@ def model(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("model") / "m"
     save_untrained_artifact(str(out), cfg)
     return str(out)
+
+
+# The slowest files first (seconds in a `make test` run, all of a file's tests): `make test`
+# runs two processes that take whole files in this order, so the long files start early
+# and the two finish together instead of one running the last long file alone.
+SLOWEST_FIRST = (
+    "integration/test_multinode.py",  # ~370
+    "integration/test_train_kill.py",  # ~275
+    "integration/test_label_resume.py",  # ~200
+    "integration/test_s3_faults.py",  # ~170
+    "integration/test_train.py",  # ~150
+    "integration/test_demo.py",  # ~130
+    "unit/test_learning.py",  # ~130
+    "integration/test_train_benchmark.py",  # ~110
+    "integration/test_perf_benchmarks.py",  # ~95
+    "integration/test_label_retry.py",
+    "integration/test_label_benchmarks.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.path.as_posix()
+        return next((i for i, name in enumerate(SLOWEST_FIRST) if path.endswith(name)), len(SLOWEST_FIRST))
+
+    items.sort(key=rank)  # stable: the other files keep their order
