@@ -294,8 +294,9 @@ def label_cmd(
                          instances_from=instances_from, finish=finish)
         )
     except IncompleteRunError as exc:
-        shutdown_quietly()  # its line is the last thing printed
-        fail(str(exc), code=EXIT_PARTIAL)
+        typer.echo(f"error: {exc}", err=True)
+        shutdown_quietly()  # nothing is printed after that line
+        raise typer.Exit(EXIT_PARTIAL) from None
     typer.echo(summary.line())
     raise typer.Exit(summary.exit_code)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -37,8 +38,9 @@ def init_ray(address: str | None = None) -> None:
 
 def shutdown_quietly() -> None:
     """End the Ray connection init_ray made, silencing this process from now on: for a
-    process about to exit after a stalled pipeline, whose threads would otherwise log
-    tracebacks (and reconnect to Ray) after the run's last line. The CLI disables Ray's
+    process about to exit after a stalled pipeline, whose threads (Python's and Ray's C++
+    core worker's, which writes to the file descriptors directly) would otherwise print
+    after the run's last line, which the caller prints first. The CLI disables Ray's
     automatic reconnection (RAY_ENABLE_AUTO_CONNECT=0) before importing Ray."""
     import logging
     import threading
@@ -49,6 +51,11 @@ def shutdown_quietly() -> None:
         return
     logging.disable(logging.CRITICAL)
     threading.excepthook = lambda args: None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
     ray.shutdown()
 
 
