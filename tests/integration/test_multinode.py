@@ -201,7 +201,8 @@ def test_training_worker_node_lost(cluster: Cluster, tmp_path: Path) -> None:
 
     bound = BOUND_S
     out, log = tmp_path / "runs", tmp_path / "train.log"
-    proc = start_cli(cluster, train_command(out), log)
+    fast_reports = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}  # each checkpoint report waits for a poll (2 s by default)
+    proc = start_cli(cluster, train_command(out), log, fast_reports)
     marker = out / "run" / f"checkpoint_{TRAIN_EVERY:08d}" / COMPLETE_FILE
     deadline = time.monotonic() + bound
     while not marker.exists():
@@ -213,7 +214,7 @@ def test_training_worker_node_lost(cluster: Cluster, tmp_path: Path) -> None:
     code = finish(proc, log, bound)
     if code != 0:  # gave up: the rerun resumes from the newest complete checkpoint
         rerun = tmp_path / "rerun.log"
-        assert run_cli(cluster, train_command(out), rerun, bound) == 0, rerun.read_text()[-3000:]
+        assert run_cli(cluster, train_command(out), rerun, bound, fast_reports) == 0, rerun.read_text()[-3000:]
         resuming = re.search(r"RESUMING from step (\d+)", rerun.read_text())
         assert resuming, rerun.read_text()[-3000:]
         resumed_at = int(resuming.group(1))

@@ -106,7 +106,8 @@ def test_sigkill_on_s3_before_registration_then_rerun_resumes(s3_bucket: str, tm
     rerun resumes from the newest complete checkpoint in the bucket, not from step 0."""
     import boto3
 
-    steps, bucket = 60, s3_bucket.removeprefix("s3://")
+    # 20 steps: the kill comes at the first complete checkpoint (step 5), polled every 50 ms.
+    steps, bucket = 20, s3_bucket.removeprefix("s3://")
     client = boto3.client("s3")
     marker = f"runs/killed/checkpoint_{EVERY:08d}/{COMPLETE_FILE}"
     env = local_env()
