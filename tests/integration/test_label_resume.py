@@ -102,16 +102,27 @@ def label_process(args: list[str], log: Path) -> subprocess.Popen:
 
 def kill_at_first_part(proc: subprocess.Popen, store, log: Path, timeout: float = 240) -> list[str]:
     """SIGKILL the CLI's process group (the CLI, the Ray it started) and then the rest of
-    its session as soon as a part file is readable; returns the parts seen then."""
+    its session as soon as a part file is readable; returns the parts there once the
+    listing has settled (a PUT already sent when the client died still lands)."""
     deadline = time.monotonic() + timeout
-    while not (parts := store.parts("out")):
+    while not store.parts("out"):
         assert proc.poll() is None, f"exited ({proc.returncode}) before writing a part:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, "no part file in time"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     kill_session(proc.pid)
     proc.wait()
-    return parts
+    return settled_parts(store)
+
+
+def settled_parts(store, quiet_s: float = 2.0) -> list[str]:
+    """The listing once it has not changed for quiet_s."""
+    parts = store.parts("out")
+    while True:
+        time.sleep(quiet_s)
+        if (again := store.parts("out")) == parts:
+            return parts
+        parts = again
 
 
 def kill_session(sid: int) -> None:
@@ -135,9 +146,8 @@ def test_sigkill_then_resume_labels_each_input_once(store, model: str, tmp_path:
     log = tmp_path / "label.log"
 
     proc = label_process(label_args(model, store), log)
-    at_kill = kill_at_first_part(proc, store, log)
-    assert 1 <= len(at_kill) < n_chunks, "the kill should land before the run finishes"
-    interrupted = store.parts("out")
+    interrupted = kill_at_first_part(proc, store, log)
+    assert 1 <= len(interrupted) < n_chunks, "the kill should land before the run finishes"
     seen = Counter()
     for part in interrupted:  # what a reader sees now: complete chunks only
         uris = store.read(part).column("uri").to_pylist()
@@ -200,9 +210,8 @@ def test_sigkill_then_resume_shards_and_parquet_on_s3(kind: str, s3_bucket: str,
     n_chunks = len(groups) if kind == "shards" else len(samples) // ROWS_PER_FILE
     log = tmp_path / "label.log"
 
-    at_kill = kill_at_first_part(label_process(args, log), store, log, timeout=600)
-    assert 1 <= len(at_kill) < n_chunks, "the kill should land before the run finishes"
-    interrupted = store.parts("out")
+    interrupted = kill_at_first_part(label_process(args, log), store, log, timeout=600)
+    assert 1 <= len(interrupted) < n_chunks, "the kill should land before the run finishes"
     job = load_script(REPO / "jobs" / "label_job.py", "label_job")
     with pytest.raises(SystemExit) as exit_info:
         job.main(args[1:] + ["--resume"])
