@@ -162,5 +162,5 @@ def _read_retrying(uri: str, read: Callable[[pafs.FileSystem, str], bytes]) -> b
             if not TRANSIENT_S3_ERROR.search(str(exc)) or attempt == settings.max_attempts:
                 raise
         count_retry()
-        time.sleep(random.random() * min(2 ** (attempt - 1), 20))
+        time.sleep(random.random() * min(2 ** (attempt - 1), settings.max_backoff_s))
     raise AssertionError("unreachable")

@@ -8,7 +8,7 @@ take their endpoint, region, credentials, anonymous access, retries and timeouts
 Variables: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL; AWS_REGION or AWS_DEFAULT_REGION;
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN; SEMPART_S3_ANON=1 (unsigned
 requests, for public buckets); SEMPART_S3_MAX_ATTEMPTS, SEMPART_S3_CONNECT_TIMEOUT_S,
-SEMPART_S3_READ_TIMEOUT_S.
+SEMPART_S3_READ_TIMEOUT_S, SEMPART_S3_MAX_BACKOFF_S.
 
 Retries, on every call of every client (HEAD, GET, LIST, PUT, multipart parts): throttling
 (503 SlowDown), 5xx answers (with or without a body) and dropped or reset connections
@@ -18,9 +18,9 @@ client, a token bucket that each retry drains; a long-lived client under sustain
 throttling empties it and then fails calls at their first error. So:
 
 - boto3 and s3fs (botocore): the standard mode's retry conditions and backoff (full
-  jitter, rand(0, 1) * min(2**(k-1), 20) s before retry k: about 75 s of throttling in
-  all on average at 12 attempts, at most 151 s), with the quota switched off
-  (`install_retries`);
+  jitter, rand(0, 1) * min(2**(k-1), SEMPART_S3_MAX_BACKOFF_S = 20) s before retry k:
+  about 75 s of throttling in all on average at 12 attempts, at most 151 s), with the
+  quota switched off (`install_retries`);
 - pyarrow: the AWS SDK's default strategy, which has no quota: 25 ms * 2**(k-1) before
   retry k, 51 s in all at 12 attempts (`pipeline.storage`).
 
@@ -39,6 +39,7 @@ from urllib.parse import urlparse
 DEFAULT_MAX_ATTEMPTS = 12
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 60.0
+DEFAULT_MAX_BACKOFF_S = 20.0  # botocore's cap on one retry's wait
 MAX_POOL_CONNECTIONS = 32  # per botocore client: listing runs 16 requests at a time (pipeline.manifest)
 
 # Every variable S3Settings reads: forwarded to Ray workers so they build the same clients.
@@ -54,6 +55,7 @@ ENV_VARS = (
     "SEMPART_S3_MAX_ATTEMPTS",
     "SEMPART_S3_CONNECT_TIMEOUT_S",
     "SEMPART_S3_READ_TIMEOUT_S",
+    "SEMPART_S3_MAX_BACKOFF_S",
 )
 
 
@@ -68,6 +70,7 @@ class S3Settings:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS  # first try included
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    max_backoff_s: float = DEFAULT_MAX_BACKOFF_S  # cap on one retry's full-jitter wait
 
     @classmethod
     def from_env(cls) -> S3Settings:
@@ -93,6 +96,7 @@ class S3Settings:
             max_attempts=number("SEMPART_S3_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, int),
             connect_timeout_s=number("SEMPART_S3_CONNECT_TIMEOUT_S", DEFAULT_CONNECT_TIMEOUT_S, float),
             read_timeout_s=number("SEMPART_S3_READ_TIMEOUT_S", DEFAULT_READ_TIMEOUT_S, float),
+            max_backoff_s=number("SEMPART_S3_MAX_BACKOFF_S", DEFAULT_MAX_BACKOFF_S, float),
         )
 
     def __repr__(self) -> str:  # never print keys
@@ -148,7 +152,7 @@ class S3Settings:
         from botocore.config import Config
 
         session = botocore.session.get_session()
-        install_retries(session, self.max_attempts)
+        install_retries(session, self.max_attempts, self.max_backoff_s)
         creds = self.credentials or {}
         return boto3.Session(botocore_session=session).client(
             "s3",
@@ -206,13 +210,13 @@ def count_retry() -> None:
 class _Retry:
     """botocore's standard retry handler without its quota, counting each retry."""
 
-    def __init__(self, max_attempts: int):
+    def __init__(self, max_attempts: int, max_backoff_s: float):
         from botocore.retries import standard
 
         self.handler = standard.RetryHandler(
             retry_policy=standard.RetryPolicy(
                 retry_checker=standard.StandardRetryConditions(max_attempts=max_attempts),
-                retry_backoff=standard.ExponentialBackoff(),
+                retry_backoff=standard.ExponentialBackoff(max_backoff=max_backoff_s),
             ),
             retry_event_adapter=standard.RetryEventAdapter(),
             retry_quota=_NoQuota(),
@@ -225,22 +229,22 @@ class _Retry:
         return delay
 
 
-def install_retries(session: Any, max_attempts: int) -> None:
+def install_retries(session: Any, max_attempts: int, max_backoff_s: float) -> None:
     """Make the S3 clients that botocore (or aiobotocore) `session` creates from now on
     retry with `_Retry`: registered under the unique id of the handler botocore would
     install, so a new client keeps this one instead."""
-    session.register("needs-retry.s3", _Retry(max_attempts), unique_id="retry-config-s3")
+    session.register("needs-retry.s3", _Retry(max_attempts, max_backoff_s), unique_id="retry-config-s3")
 
 
 @functools.lru_cache(maxsize=8)
-def aiobotocore_session(max_attempts: int):
-    """One aiobotocore session per process and attempt budget, with `install_retries`,
+def aiobotocore_session(max_attempts: int, max_backoff_s: float):
+    """One aiobotocore session per process and retry budget, with `install_retries`,
     for s3fs to create its client from (set as the file system's `session` before it
     connects; not passed as an option, which would make the file system unpicklable)."""
     from aiobotocore.session import AioSession
 
     session = AioSession()
-    install_retries(session, max_attempts)
+    install_retries(session, max_attempts, max_backoff_s)
     return session
 
 

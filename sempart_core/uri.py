@@ -45,7 +45,8 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(uri, **_storage_options(protocol))
     if protocol in ("s3", "s3a") and fs.session is None:  # not connected yet
         # retries without a quota, counted by s3settings.retries()
-        fs.session = s3settings.aiobotocore_session(S3Settings.from_env().max_attempts)
+        settings = S3Settings.from_env()
+        fs.session = s3settings.aiobotocore_session(settings.max_attempts, settings.max_backoff_s)
     return fs, path
 
 

@@ -14,7 +14,7 @@ from sempart_core.uri import atomic_local_file, filesystem
 def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN",
                  "SEMPART_S3_ANON", "SEMPART_S3_MAX_ATTEMPTS", "SEMPART_S3_CONNECT_TIMEOUT_S",
-                 "SEMPART_S3_READ_TIMEOUT_S"):
+                 "SEMPART_S3_READ_TIMEOUT_S", "SEMPART_S3_MAX_BACKOFF_S"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
@@ -26,8 +26,9 @@ def test_environment_read_the_same_way_for_every_client(env: pytest.MonkeyPatch)
     env.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9000")  # the S3-specific one wins
     env.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     env.setenv("SEMPART_S3_MAX_ATTEMPTS", "5")
+    env.setenv("SEMPART_S3_MAX_BACKOFF_S", "2.5")
     s = S3Settings.from_env()
-    assert (s.endpoint, s.region, s.max_attempts) == ("http://127.0.0.1:9000", "eu-west-1", 5)
+    assert (s.endpoint, s.region, s.max_attempts, s.max_backoff_s) == ("http://127.0.0.1:9000", "eu-west-1", 5, 2.5)
 
     arrow = s.pyarrow_kwargs()
     assert (arrow["endpoint_override"], arrow["scheme"], arrow["region"]) == ("127.0.0.1:9000", "http", "eu-west-1")
@@ -36,7 +37,7 @@ def test_environment_read_the_same_way_for_every_client(env: pytest.MonkeyPatch)
     fs, path = filesystem("s3://bucket/key")
     assert (fs.anon, fs.key, fs.client_kwargs["endpoint_url"], path) == (False, "AKIDEXAMPLE", s.endpoint, "bucket/key")
     assert fs.config_kwargs["retries"]["total_max_attempts"] == 5
-    assert "SEMPART_S3_MAX_ATTEMPTS" in s3_env()  # Ray workers build the same clients
+    assert {"SEMPART_S3_MAX_ATTEMPTS", "SEMPART_S3_MAX_BACKOFF_S"} <= set(s3_env())  # Ray workers build the same clients
 
 
 def test_anonymous_reaches_every_client_and_drops_keys(env: pytest.MonkeyPatch) -> None:
