@@ -21,13 +21,15 @@ from PIL import Image
 from processes import descendants_titled, kill
 
 import pipeline.train as train
+import pipeline.train_data as train_data
 from pipeline.train import TrainJob, run_training
 from sempart_core.artifact import read_artifact
 from sempart_core.config import SempartConfig
 from sempart_core.images import decode_image
 from sempart_core.model import build_model
 from sempart_core.predictor import load_predictor
-from sempart_core.training import augment, make_optimizer, make_scheduler, training_step
+from sempart_core.augment import augment
+from sempart_core.training import make_optimizer, make_scheduler, training_step
 
 pytestmark = pytest.mark.integration
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "train_sample"
@@ -180,7 +182,7 @@ def test_ddp_two_workers_equal_one_worker(ray_session, tmp_path: Path, monkeypat
     images = square_images(tmp_path / "images", 4, size)
     cfg = tiny_config(steps=3, image_size=size, checkpoint_every=100, report_every=100)
     cfg.data.crop_scale, cfg.data.hflip, cfg.data.color_jitter, cfg.data.grayscale_p = 1.0, False, 0.0, 0.0
-    monkeypatch.setattr(train, "EPOCH_ROWS", 4)  # one pass = the 4 images, not repeats of them
+    monkeypatch.setattr(train_data, "EPOCH_ROWS", 4)  # one pass = the 4 images, not repeats of them
     trained = {}
     for workers in (1, 2):
         job = TrainJob(data=str(tmp_path / "images"), out=str(tmp_path / "runs"), name=f"ddp{workers}",
@@ -239,26 +241,26 @@ def test_training_image_paths_from_folder_text_and_manifest(tmp_path: Path) -> N
     (folder / "nested").mkdir(parents=True)
     for name in ("b.jpg", "a.PNG", "nested/c.webp", "notes.txt"):
         (folder / name).write_bytes(b"x")
-    fs, paths = train.training_image_paths(str(folder))
+    fs, paths = train_data.training_image_paths(str(folder))
     assert paths == [str(folder / n) for n in ("a.PNG", "b.jpg", "nested/c.webp")]
 
     listing = tmp_path / "uris.txt"
     listing.write_text(f"{folder / 'b.jpg'}\n\nfile://{folder / 'a.PNG'}\n")
-    assert train.training_image_paths(str(listing))[1] == [str(folder / "b.jpg"), str(folder / "a.PNG")]
+    assert train_data.training_image_paths(str(listing))[1] == [str(folder / "b.jpg"), str(folder / "a.PNG")]
 
     manifest = tmp_path / "manifest.parquet"
     pq.write_table(pa.table({"uri": ["s3://bucket/k/1.jpg", "s3://bucket/k/2.jpg"], "size": [1, 2]}), manifest)
-    fs, paths = train.training_image_paths(str(manifest))
+    fs, paths = train_data.training_image_paths(str(manifest))
     assert (fs.type_name, paths) == ("s3", ["bucket/k/1.jpg", "bucket/k/2.jpg"])
 
     listing.write_text("s3://bucket/x.jpg\n/local/y.jpg\n")
     with pytest.raises(ValueError, match="mixes"):
-        train.training_image_paths(str(listing))
+        train_data.training_image_paths(str(listing))
     with pytest.raises(FileNotFoundError):
-        train.training_image_paths(str(tmp_path / "missing"))
+        train_data.training_image_paths(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
-        train.training_image_paths(str(tmp_path / "empty"))
+        train_data.training_image_paths(str(tmp_path / "empty"))
 
 
 def test_worker_plan_round_trip_and_other_versions() -> None:
