@@ -228,6 +228,7 @@ def test_train_with_s3_checkpoints_through_faults(s3_endpoint: str, s3_bucket: s
     """Images, checkpoints and the model on S3 through the fault proxy: training ends
     (exit 0) with its checkpoints and a readable model."""
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # see test_train.py
+    monkeypatch.setenv("SEMPART_S3_MAX_BACKOFF_S", "2")  # retried as often, waits shorter
     bucket = s3_bucket.removeprefix("s3://")
     upload_folder(client, bucket, SAMPLE, "images")
 
