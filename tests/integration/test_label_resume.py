@@ -26,7 +26,7 @@ from scripts import load_script
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-N_IMAGES, ROWS_PER_FILE = 64, 2
+N_IMAGES, ROWS_PER_FILE = 40, 2
 
 
 def jpeg(seed: int) -> bytes:

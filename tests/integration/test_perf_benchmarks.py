@@ -23,7 +23,7 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
 
 def test_pipeline_ceiling_quick(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pipeline_ceiling.py"), "--quick", "--decode", "gpu",
-                           "--n", "120", "--sample", "24", "--idle-s", "3", "--settle", "1", "--work", str(tmp_path)],
+                           "--n", "120", "--sample", "24", "--idle-s", "2", "--settle", "1", "--work", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     figures = last_json(proc)
     assert figures["n"] == 120 and figures["decode"] == "gpu" and figures["rows_per_s"] > 0

@@ -232,7 +232,9 @@ def test_train_with_s3_checkpoints_through_faults(s3_endpoint: str, s3_bucket: s
     bucket = s3_bucket.removeprefix("s3://")
     upload_folder(client, bucket, SAMPLE, "images")
 
-    with FaultProxy(s3_endpoint, Faults(), seed=7) as proxy:
+    # Delays of 0.5 s (2 s by default): a stalled request is a stalled request, and the
+    # checkpoint uploads meet them one after another.
+    with FaultProxy(s3_endpoint, Faults(delay_s=0.5), seed=7) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         result = CliRunner().invoke(app, [
             "train", "--data", f"{s3_bucket}/images", "--out", f"{s3_bucket}/runs", "--name", "faulty",
