@@ -20,11 +20,6 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[s3,dev]"
 	touch $(STAMP)
 
-# --durations: every run ends with the slowest tests, so that a slow one is seen early.
-# -n 2 --dist loadfile: two test processes, each taking whole files (a file's Ray
-# cluster or session is started once); most tests wait on Ray, S3 or a subprocess, so
-# two share 2 cores well. --no-loadscope-reorder: files in the order tests/conftest.py
-# gives, the slowest first.
 # glibc's malloc returns freed blocks above 128 KiB to the kernel and faults them in again
 # on the next allocation: torch's CPU tensors spent about 15 % of the suite's CPU in the
 # kernel that way. Keeping freed memory in the process (thresholds of 256/512 MiB) removes
@@ -32,6 +27,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 test: export MALLOC_MMAP_THRESHOLD_ = 268435456
 test: export MALLOC_TRIM_THRESHOLD_ = 536870912
 test: export MALLOC_TOP_PAD_ = 268435456
+
+# --durations: every run ends with the slowest tests, so that a slow one is seen early.
+# -n 2 --dist loadfile: two test processes, each taking whole files (a file's Ray
+# cluster or session is started once); most tests wait on Ray, S3 or a subprocess, so
+# two share 2 cores well. --no-loadscope-reorder: files in the order tests/conftest.py
+# gives, the slowest first.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 

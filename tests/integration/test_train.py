@@ -24,11 +24,11 @@ import pipeline.train as train
 import pipeline.train_data as train_data
 from pipeline.train import TrainJob, run_training
 from sempart_core.artifact import read_artifact
+from sempart_core.augment import augment
 from sempart_core.config import SempartConfig
 from sempart_core.images import decode_image
 from sempart_core.model import build_model
 from sempart_core.predictor import load_predictor
-from sempart_core.augment import augment
 from sempart_core.training import make_optimizer, make_scheduler, training_step
 
 pytestmark = pytest.mark.integration
