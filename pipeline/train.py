@@ -38,7 +38,7 @@ import torch
 
 from pipeline.cluster import cluster_plan, init_ray
 from pipeline.storage import is_s3, pyarrow_filesystem, redact, s3_env
-from pipeline.train_data import SkippedImages, image_dataset, training_image_paths
+from pipeline.train_data import image_dataset, skipped_images_counter, training_image_paths
 from sempart_core import uri
 from sempart_core.artifact import META_FILE, meta_for_backbone, save_artifact
 from sempart_core.backbone import patch_size_of
@@ -439,7 +439,7 @@ def run_training(job: TrainJob) -> TrainSummary:
 
     # The per-step lines are training's progress; Ray Data's bars would restart every pass.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    skipped = SkippedImages.remote()
+    skipped = skipped_images_counter()
     resources = cluster_plan(workers, gpu)
     dataset = image_dataset(fs, paths, cfg, patch_size_of(cfg.backbone.name), skipped, resources.stage_cpus)
     env = s3_env()  # for the artifact write (fsspec); Ray Train's uploads use storage_fs

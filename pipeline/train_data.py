@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import manifest as manifests
 from pipeline.sources import InputSource
@@ -46,7 +47,10 @@ def training_image_paths(src: str) -> tuple[pafs.FileSystem, list[str]]:
 
 @ray.remote(num_cpus=0)
 class SkippedImages:
-    """Counts undecodable inputs met by the decode tasks (they run anywhere in the cluster)."""
+    """Counts undecodable inputs met by the decode tasks (they run anywhere in the cluster).
+
+    Create it with `skipped_images_counter()`: on the driver's node, so that losing a
+    worker node mid-run (which training survives) cannot take the count with it."""
 
     def __init__(self) -> None:
         self.paths: set[str] = set()
@@ -56,6 +60,12 @@ class SkippedImages:
 
     def count(self) -> int:
         return len(self.paths)
+
+
+def skipped_images_counter() -> Any:
+    """A SkippedImages actor pinned to this (the driver's) node."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return SkippedImages.options(scheduling_strategy=here).remote()
 
 
 def decode_training_batch(
