@@ -30,7 +30,11 @@ RANDOM = {
     "loss": {"border": 0.1},
     "data": {"image_size": 128},
 }
-TRAIN = {"steps": 60, "batch_size": 8, "lr": 2e-3, "warmup_steps": 10, "checkpoint_every": 30}
+# A few steps, with a checkpoint on the way: the demo shows the pipeline, not a trained model.
+TRAIN = {"steps": 30, "batch_size": 8, "lr": 2e-3, "warmup_steps": 5, "checkpoint_every": 15}
+# One inference actor: each costs seconds to start (torch, timm, the model), more than
+# a second one would save on the 40 sample photos.
+LABEL_ACTORS = 1
 QUERY = "SELECT status, count(*) AS images, round(avg(score), 3) AS mean_score FROM labels GROUP BY status ORDER BY status"
 
 
@@ -132,7 +136,8 @@ def run_demo(workdir: Path) -> DemoResult:
         trained = run_training(TrainJob(data=images, out=runs, name="demo", config=cfg, workers=1, gpu=False))
         logger.info(trained.line())
         logger.info("[3/6] labelling %s on Ray Data", images)
-        summary = run_label(LabelOptions(model=trained.model, input=images, out=labels, rows_per_file=16, gpu=False))
+        summary = run_label(LabelOptions(model=trained.model, input=images, out=labels, rows_per_file=16, gpu=False,
+                                           actors=LABEL_ACTORS))
         logger.info(summary.line())
         logger.info("[4/6] query: %s\n%s", QUERY, format_table(run_query(labels, QUERY)))
         gallery = workdir / "gallery"

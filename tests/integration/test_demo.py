@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.demo import TRAIN
 from pipeline.schema import LABELS_SCHEMA
 from sempart_core.predictor import load_predictor
 
@@ -34,5 +35,5 @@ def test_demo_runs_end_to_end(tmp_path):
     gallery = Path(last[1].split(":", 1)[1].strip())
     assert gallery.is_file() and len(list((gallery.parent / "thumbs").iterdir())) == n_samples
     predictor = load_predictor(last[2].split(":", 1)[1].strip())
-    assert predictor.meta["steps"] == 60
+    assert predictor.meta["steps"] == TRAIN["steps"]
     assert "RANDOM backbone" in proc.stderr or predictor.meta["random_backbone"] is False
