@@ -13,21 +13,19 @@ CONSTRAINTS := constraints.txt
 
 .PHONY: test test-unit demo bench clean-venv
 
-# Bytecode is compiled after the installs, on every core: pip compiles one file at a time
-# (17 of torch's 47 s of install here). A few files of torch's test helpers use Python 3.12
-# syntax and cannot compile on 3.11; pip skips them the same way, hence `|| true`.
+# pip compiles bytecode for every installed file, one at a time (torch: 17 of its 47 s of
+# install here; all packages: 24 s on both cores); the suite imports a fifth of them. So the
+# installs skip it, and `make test` / `make demo` let Python write the bytecode of what
+# they import, once: where PYTHONDONTWRITEBYTECODE is set (as on the CI machines), every
+# process would otherwise compile its imports again, each Ray worker included.
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q --no-compile -c $(CONSTRAINTS) $(TORCH)
 	$(PIP) install -q --no-compile -c $(CONSTRAINTS) -e ".[s3,dev]"
-	$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $(STAMP)
 
-# The repo's own modules, compiled before the tests: where PYTHONDONTWRITEBYTECODE is set
-# (as on the CI machines), every Ray worker would compile them again from source, about
-# 1 CPU-s for each inference actor.
-BYTECODE := $(PY) -m compileall -q pipeline sempart_core benchmarks jobs tests
+test test-unit demo: export PYTHONDONTWRITEBYTECODE =
 
 # glibc's malloc returns freed blocks above 128 KiB to the kernel and faults them in again
 # on the next allocation: torch's CPU tensors spent about 15 % of the suite's CPU in the
@@ -47,15 +45,12 @@ test: export OMP_WAIT_POLICY = PASSIVE
 # two share 2 cores well. --no-loadscope-reorder: files in the order tests/conftest.py
 # gives, the slowest first.
 test: $(STAMP)
-	$(BYTECODE)
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 test-unit: $(STAMP)
-	$(BYTECODE)
 	$(PY) -m pytest -q tests/unit
 
 demo: $(STAMP)
-	$(BYTECODE)
 	$(VENV)/bin/sempart demo --workdir demo-work
 
 bench: $(STAMP)
