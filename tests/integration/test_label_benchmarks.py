@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from cli_args import ONE_ACTOR
+from rounding import ratio_agrees_with_rates
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -31,8 +32,7 @@ def test_label_throughput_compares_both_sides() -> None:
     assert figures["ours_first_row_s"] > 0 and figures["ours_ray_start_s"] > 0
     # (an actor still loading when the run ends may log nothing)
     assert 1 <= figures["ours_model_loads"] <= figures["ours_actors"]
-    # On a loaded machine the rates are small and their rounding, not the ratio, sets the tolerance.
-    assert (ours - half) / (base + half) - half <= figures["ratio"] <= (ours + half) / (base - half) + half
+    assert ratio_agrees_with_rates(figures["ratio"], ours, base, half, half)
 
 
 def test_label_scale_records_memory_for_both_sizes(tmp_path: Path) -> None:
