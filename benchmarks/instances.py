@@ -71,6 +71,7 @@ class Settings:
     threads: int
     tau: float
     max_instances: int
+    device: str
 
 
 # A decision of the reference is rounding's call when the values it compares differ
@@ -112,6 +113,8 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads for both sides (default 1)")
     parser.add_argument("--tau", type=float, default=InstanceConfig.tau)
     parser.add_argument("--max-instances", type=int, default=InstanceConfig.max_instances)
+    parser.add_argument("--device", default="cpu",
+                        help="where the backbone and ours run (cpu, cuda); the reference always runs on the CPU")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK['backbone']} at {QUICK['image_size']} px, {QUICK['n']} photos (seconds)")
     args = parser.parse_args(argv)
@@ -121,7 +124,7 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
     if min(args.n, args.image_size, args.batch_size, args.threads, args.max_instances) < 1:
         parser.error("--n, --image-size, --batch-size, --threads and --max-instances must be >= 1")
     return Settings(args.backbone, args.weights, args.image_size, args.images, args.n, args.batch_size,
-                    args.threads, args.tau, args.max_instances)
+                    args.threads, args.tau, args.max_instances, args.device)
 
 
 def load_photos(folder: str, n: int, size: int) -> np.ndarray:
@@ -136,21 +139,27 @@ def load_photos(folder: str, n: int, size: int) -> np.ndarray:
     return np.stack(photos)
 
 
-def features(backbone: Backbone, photos: np.ndarray, batch_size: int) -> tuple[torch.Tensor, float]:
-    """Keys of every photo [n, N, C] and the backbone's seconds, in batches."""
+def features(backbone: Backbone, photos: np.ndarray, batch_size: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Keys of every photo [n, N, C] on `device` and the backbone's seconds, in batches."""
     chunks, start = [], time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(photos), batch_size):
-            x = to_model_input(photos[i : i + batch_size], backbone.mean, backbone.std, torch.device("cpu"))
+            x = to_model_input(photos[i : i + batch_size], backbone.mean, backbone.std, device)
             chunks.append(backbone(x))
+    synchronize(device)
     return torch.cat(chunks), time.perf_counter() - start
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def reference_maskcut(feats: torch.Tensor, grid: tuple[int, int], patch: int, config: InstanceConfig) -> ReferenceResult:
     """MaskCut as CutLER's maskcut.py computes it, for one image's features [N, C]."""
     h, w = grid
     clock = Stopwatch()
-    f = feats.float().T.clone()  # [C, N], the original's layout
+    f = feats.float().cpu().T.clone()  # [C, N], the original's layout
     painting = np.zeros(grid)
     current = np.zeros(grid)
     found: list[np.ndarray] = []
@@ -214,9 +223,10 @@ class _Lap:
         self.watch.seconds[self.name] = self.watch.seconds.get(self.name, 0.0) + time.perf_counter() - self.start
 
 
-def timed(call: Callable[[], object]) -> tuple[object, float]:
+def timed(call: Callable[[], object], sync: Callable[[], None] = lambda: None) -> tuple[object, float]:
     start = time.perf_counter()
     out = call()
+    sync()
     return out, time.perf_counter() - start
 
 
@@ -234,12 +244,13 @@ def instance_iou(ours: np.ndarray, ref: np.ndarray) -> list[float]:
 
 def our_stages(feats: torch.Tensor, grid: tuple[int, int], config: InstanceConfig) -> dict[str, float]:
     """Seconds of our graph (built once per image) and first cut's solve, alone, for the
-    images of one batch taken one at a time as `maskcut_batch` takes them on the CPU."""
+    images of one batch taken one at a time (as `maskcut_batch` takes them on the CPU)."""
     seconds = {"graph (once per image)": 0.0, "solve (first cut)": 0.0}
+    sync = lambda: synchronize(feats.device)  # noqa: E731
     for f in feats:
-        links, t_graph = timed(lambda: feature_links(f[None], config.tau))
-        graph = PaintedGraph(links, torch.zeros(1, f.shape[0], dtype=torch.bool), config.eps)
-        _, t_solve = timed(lambda: solve(graph, grid, config))
+        links, t_graph = timed(lambda: feature_links(f[None], config.tau), sync)
+        graph = PaintedGraph(links, torch.zeros(1, f.shape[0], dtype=torch.bool, device=f.device), config.eps)
+        _, t_solve = timed(lambda: solve(graph, grid, config), sync)
         seconds["graph (once per image)"] += t_graph
         seconds["solve (first cut)"] += t_solve
     return seconds
@@ -249,11 +260,12 @@ def run(s: Settings) -> dict:
     torch.set_num_threads(s.threads)
     config = InstanceConfig(tau=s.tau, max_instances=s.max_instances)
     with threadpool_limits(limits=s.threads):
-        backbone = build_backbone(BackboneConfig(name=s.backbone, weights=s.weights), s.image_size).eval()
+        device = torch.device(s.device)
+        backbone = build_backbone(BackboneConfig(name=s.backbone, weights=s.weights), s.image_size).eval().to(device)
         patch = backbone.patch_size
         grid = (s.image_size // patch, s.image_size // patch)
         photos = load_photos(s.images, s.n, grid[0] * patch)
-        feats, t_backbone = features(backbone, photos, s.batch_size)
+        feats, t_backbone = features(backbone, photos, s.batch_size, device)
         batches = [feats[i : i + s.batch_size] for i in range(0, len(feats), s.batch_size)]
         maskcut_batch(batches[0][:1], grid, config)  # warm-up: first calls allocate
         stages = our_stages(batches[0], grid, config)
@@ -292,6 +304,7 @@ def run(s: Settings) -> dict:
         "n_images": n, "tokens": grid[0] * grid[1], "batch_size": s.batch_size, "threads": s.threads,
         "backbone": s.backbone, "weights": s.weights, "random_weights": backbone.random_weights,
         "image_size": grid[0] * patch, "tau": s.tau, "max_instances": s.max_instances, "images": s.images,
+        "device": s.device,
     }
 
 
@@ -301,7 +314,7 @@ def summary(r: dict) -> str:
         f"MaskCut instances, ours (batched, {r['batch_size']} per call) vs the published procedure "
         f"(scipy, one image at a time)",
         f"  {r['backbone']} ({weights}) at {r['image_size']} x {r['image_size']} ({r['tokens']} tokens), "
-        f"{r['n_images']} photos, tau {r['tau']}, N {r['max_instances']}, {r['threads']} thread(s), CPU",
+        f"{r['n_images']} photos, tau {r['tau']}, N {r['max_instances']}, {r['threads']} thread(s), ours on {r['device']}",
         f"  backbone (shared, batched)          {r['backbone_ms']:9.1f} ms/image",
         f"  reference instances                 {r['baseline_ms']:9.1f} ms/image",
         *(f"    {k:<32}  {v:9.1f}" for k, v in r["baseline_stage_ms"].items()),

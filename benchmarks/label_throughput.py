@@ -57,6 +57,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from pipeline_ceiling import repo_on_path  # noqa: E402
 
 # The 12 DUTS-TE photos the repository ships, cycled up to --n; pass --images for more.
 DEFAULT_IMAGES = REPO / "tests" / "data" / "duts-te" / "images"
@@ -175,7 +177,7 @@ def ours(model: Path, folder: Path, out: Path, args: argparse.Namespace) -> dict
            "label", "--model", str(model), "--input", str(folder), "--out", str(out),
            "--batch-size", str(args.batch_size), "--gpu" if args.gpu else "--no-gpu", *args.label_args.split()]
     wall, stdout, stderr = timed(cmd, {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DEDUP_LOGS": "0",
-                                       "PYTHONPATH": str(REPO)})
+                                       "PYTHONPATH": repo_on_path()})
     output = stdout + stderr
     run = json.loads(next((out / "_runs").glob("*.json")).read_text())
     actors = run["last_config"].get("actors") or (

@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="gpu: `--decode gpu --finish device` (the CPUs fetch bytes, compress and write; "
                              "without a GPU the actor's device stages run on its CPU, timed apart); "
                              "cpu: `--decode cpu --finish cpu`.")
+    parser.add_argument("--gpu", action="store_true",
+                        help="Label with `--gpu` (the device stages on this machine's GPUs) instead of `--no-gpu`.")
     parser.add_argument("--quick", action="store_true", help="200 images, 100 in the per-stage sample, 5 s idle.")
     parser.add_argument("--n", type=int, help="Images labelled end to end (default 20,000).")
     parser.add_argument("--sample", type=int, help="Images timed per stage in-process (default 1,000; 0: none).")
@@ -213,6 +215,12 @@ class TreeSampler:
             return sum(self.seen.values())
 
 
+def repo_on_path() -> str:
+    """PYTHONPATH for a child running this checkout, keeping what the caller had there
+    (packages installed with --target, as on a machine without an index)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+
 def sempart_label(label_args: list[str], out: Path, interval: float = 0.5, attempts: int = 5) -> dict:
     """`sempart label ... --out OUT` in a subprocess running this checkout's code; returns
     the run record and, from its last start, the tree's CPU seconds and wall seconds at
@@ -221,7 +229,7 @@ def sempart_label(label_args: list[str], out: Path, interval: float = 0.5, attem
     starts."""
     cmd = [sys.executable, "-c", "from pipeline.cli import app; app(prog_name='sempart')",
            "label", *label_args, "--out", str(out)]
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": repo_on_path()}
     for attempt in range(attempts):
         resume = ["--resume"] if attempt else []
         start = time.perf_counter()
@@ -255,8 +263,8 @@ def label_end_to_end(args: argparse.Namespace, n: int, model: Path) -> dict:
     folder = image_folder(args.work, n)
     out = args.work / f"out-{args.decode}-{n}-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
-    result = sempart_label(["--model", str(model), "--input", str(folder), "--no-gpu", *MODES[args.decode]],
-                           out, args.interval)
+    result = sempart_label(["--model", str(model), "--input", str(folder), "--gpu" if args.gpu else "--no-gpu",
+                            *MODES[args.decode]], out, args.interval)
     run, marks = result["run"], result["marks"]
     if sum(run["counts"].values()) != n:
         raise SystemExit(f"expected {n} rows, the run record says {run['counts']}")
@@ -289,10 +297,15 @@ time.sleep(float(sys.argv[2]))
 def idle_ray(args: argparse.Namespace) -> dict:
     """The fixed CPU cost per second of an idle local Ray of the run's shape: started as
     `sempart label` starts it (`init_ray`, the same CPUs), with as many idle actors as
-    the run has (one inference actor per CPU, the writer). After `--settle` s the tree's
-    CPU is read over `--idle-s` s, nothing running."""
-    actors = int(os.environ.get("SEMPART_NUM_CPUS") or os.cpu_count() or 1) + 1
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    the run has (one inference actor per CPU, or per GPU with `--gpu`; the writer). After
+    `--settle` s the tree's CPU is read over `--idle-s` s, nothing running."""
+    if args.gpu:
+        import torch
+
+        actors = torch.cuda.device_count() + 1
+    else:
+        actors = int(os.environ.get("SEMPART_NUM_CPUS") or os.cpu_count() or 1) + 1
+    env = {**os.environ, "PYTHONPATH": repo_on_path()}
     proc = subprocess.Popen([sys.executable, "-c", IDLE_CHILD, str(actors), str(args.settle + args.idle_s + 60)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
