@@ -1,6 +1,6 @@
-"""benchmarks/gpu_figures.sh, the runner of the GPU benchmarks: without a GPU (none is
-visible to these runs) each CUDA step fails at once, and the runner must log it, record
-it and go on to the next step."""
+"""benchmarks/gpu_figures.sh, the runner of the GPU benchmarks: a step that fails must be
+logged and recorded, and the next step must still run. The steps' Python is `false`
+here, so each fails at once (the benchmarks themselves have their own tests)."""
 from __future__ import annotations
 
 import json
@@ -14,18 +14,17 @@ SCRIPT = REPO / "benchmarks" / "gpu_figures.sh"
 
 def run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), str(tmp_path / "logs"), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                          text=True, timeout=60, env={**os.environ, "PYTHON": "false"})
 
 
 def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path: Path) -> None:
     result = run("finish", "instances", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in (tmp_path / "logs" / "summary.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == ["finish", "instances"]
-    assert all(line["exit"] != 0 and line["result"] is None for line in lines)
-    log = (tmp_path / "logs" / "finish.log").read_text()
-    assert "NVIDIA" in log or "CUDA" in log, log[-2000:]
-    assert "== instances: exit" in result.stdout
+    assert [(line["step"], line["exit"], line["result"]) for line in lines] == [("finish", 1, None),
+                                                                                ("instances", 1, None)]
+    assert (tmp_path / "logs" / "finish.log").is_file() and (tmp_path / "logs" / "instances.log").is_file()
+    assert "== instances: exit 1" in result.stdout
 
 
 def test_an_unknown_step_is_refused(tmp_path: Path) -> None:
