@@ -54,7 +54,7 @@ class LossConfig:
     ftv: float = 1.0
     itv: float = 1.0
     dist: float = 1.0
-    border: float = 0.1  # weak prior pushing border patches to background (docs/method.md, Defaults)
+    border: float = 0.1  # weak prior that the border lies on one side of the cut (docs/method.md, Defaults)
     itv_q: int = 2  # 1: total variation proper; 2: squared differences
     itv_sigma: float = 0.5  # colour scale of the image-graph weights (normalised colours)
     clamp_eps: float = 1e-4  # y is clamped to [eps, 1 - eps] inside the cut

@@ -93,10 +93,18 @@ def distillation_loss(y_fine: torch.Tensor, y_coarse: torch.Tensor, patch: int) 
 
 
 def border_prior_loss(y_coarse: torch.Tensor) -> torch.Tensor:
-    """Mean foreground probability of border patches: a weak push towards background."""
-    border = torch.ones_like(y_coarse, dtype=torch.bool)
-    border[:, 1:-1, 1:-1] = False
-    return y_coarse[border.expand_as(y_coarse)].float().mean()
+    """How far each image's border patches are from lying on one side of the cut:
+    min(mean y, mean 1 - y) over the border, averaged over the images.
+
+    The cut is symmetric and the foreground side is chosen at inference (the border
+    rule, foreground.py), so the prior asks only that the border be one side, whichever.
+    A prior towards y = 0 fought the cut whenever training had put the background at
+    y = 1, and such runs ended with half the border on each side (docs/method.md,
+    Defaults)."""
+    border = torch.ones(y_coarse.shape[-2:], dtype=torch.bool, device=y_coarse.device)
+    border[1:-1, 1:-1] = False
+    side = y_coarse[:, border].float().mean(dim=1)
+    return torch.minimum(side, 1 - side).mean()
 
 
 @dataclass

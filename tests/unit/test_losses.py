@@ -155,3 +155,18 @@ def test_sempart_loss_is_weighted_sum_of_terms():
     expected = t.ncut + 2 * t.ftv + 3 * t.itv + 4 * t.dist + 0.5 * t.border
     assert t.total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert set(t.as_floats()) == {"total", "ncut", "ftv", "itv", "dist", "border"}
+
+
+def test_border_prior_asks_the_border_to_be_one_side_whichever() -> None:
+    from sempart_core.losses import border_prior_loss
+
+    y = torch.full((3, 5, 6), 0.2)
+    y[1] = 0.8  # the same partition as y[0], sides swapped
+    y[2, :, :3], y[2, :, 3:] = 0.0, 1.0  # the border split half and half
+    per_image = [float(border_prior_loss(y[i : i + 1])) for i in range(3)]
+    assert per_image[0] == pytest.approx(0.2) and per_image[1] == pytest.approx(0.2)
+    assert per_image[2] == pytest.approx(0.5)
+    assert float(border_prior_loss(y)) == pytest.approx(0.3)
+    inner = y[:1].clone()
+    inner[0, 1:-1, 1:-1] = 1.0  # the inside does not count
+    assert float(border_prior_loss(inner)) == pytest.approx(0.2)
