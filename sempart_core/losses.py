@@ -94,17 +94,19 @@ def distillation_loss(y_fine: torch.Tensor, y_coarse: torch.Tensor, patch: int) 
 
 def border_prior_loss(y_coarse: torch.Tensor) -> torch.Tensor:
     """How far each image's border patches are from lying on one side of the cut:
-    min(mean y, mean 1 - y) over the border, averaged over the images.
+    s (1 - s) for s the mean of y over the border, averaged over the images.
 
     The cut is symmetric and the foreground side is chosen at inference (the border
     rule, foreground.py), so the prior asks only that the border be one side, whichever.
     A prior towards y = 0 fought the cut whenever training had put the background at
     y = 1, and such runs ended with half the border on each side (docs/method.md,
-    Defaults)."""
+    Defaults). s (1 - s) rather than min(s, 1 - s): its gradient is smooth at s = 1/2,
+    where a random start puts the border, so rounding cannot flip the push's sign (the
+    min made 2 DDP workers differ from 1, tests/integration/test_train.py)."""
     border = torch.ones(y_coarse.shape[-2:], dtype=torch.bool, device=y_coarse.device)
     border[1:-1, 1:-1] = False
     side = y_coarse[:, border].float().mean(dim=1)
-    return torch.minimum(side, 1 - side).mean()
+    return (side * (1 - side)).mean()
 
 
 @dataclass
