@@ -7,6 +7,16 @@ from __future__ import annotations
 import torch
 
 
+def border_mean(y: torch.Tensor) -> torch.Tensor:
+    """Mean of ``y`` ``[B, h, w]`` over each image's border patches (each counted once),
+    ``[B]`` float32; autograd flows through it (the border prior, losses.py, trains on it)."""
+    if y.ndim != 3:
+        raise ValueError(f"expected maps [B, h, w], got shape {tuple(y.shape)}")
+    border = torch.ones(y.shape[-2:], dtype=torch.bool, device=y.device)
+    border[1:-1, 1:-1] = False
+    return y[:, border].float().mean(dim=1)
+
+
 def border_flip(y: torch.Tensor) -> torch.Tensor:
     """Which images must be flipped so that the foreground is the border's minority.
 
@@ -15,14 +25,7 @@ def border_flip(y: torch.Tensor) -> torch.Tensor:
     (the coarse map). Returns bool ``[B]``: True where the mean of ``y`` over the border
     patches (each counted once) exceeds 0.5. A tie (exactly 0.5) keeps ``y`` as it is.
     """
-    if y.ndim != 3:
-        raise ValueError(f"border_flip expects [B, h, w], got shape {tuple(y.shape)}")
-    _, h, w = y.shape
-    border = torch.zeros(h, w, dtype=torch.bool, device=y.device)
-    border[0, :] = border[-1, :] = True
-    border[:, 0] = border[:, -1] = True
-    border_mean = y.detach()[:, border].float().mean(dim=1)
-    return border_mean > 0.5
+    return border_mean(y.detach()) > 0.5
 
 
 def _flip_where(y: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:

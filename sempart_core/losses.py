@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LossConfig
+from .foreground import border_mean
 from .graph import degree
 
 # Offsets of the 8-neighbourhood, each undirected pair counted once.
@@ -103,9 +104,7 @@ def border_prior_loss(y_coarse: torch.Tensor) -> torch.Tensor:
     Defaults). s (1 - s) rather than min(s, 1 - s): its gradient is smooth at s = 1/2,
     where a random start puts the border, so rounding cannot flip the push's sign (the
     min made 2 DDP workers differ from 1, tests/integration/test_train.py)."""
-    border = torch.ones(y_coarse.shape[-2:], dtype=torch.bool, device=y_coarse.device)
-    border[1:-1, 1:-1] = False
-    side = y_coarse[:, border].float().mean(dim=1)
+    side = border_mean(y_coarse)
     return (side * (1 - side)).mean()
 
 

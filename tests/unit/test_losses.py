@@ -8,6 +8,7 @@ import torch
 from sempart_core.config import LossConfig
 from sempart_core.graph import affinity, degree
 from sempart_core.losses import (
+    border_prior_loss,
     distillation_loss,
     expected_ncut,
     feature_tv_loss,
@@ -158,8 +159,6 @@ def test_sempart_loss_is_weighted_sum_of_terms():
 
 
 def test_border_prior_asks_the_border_to_be_one_side_whichever() -> None:
-    from sempart_core.losses import border_prior_loss
-
     y = torch.full((3, 5, 6), 0.2)
     y[1] = 0.8  # the same partition as y[0], sides swapped
     y[2, :, :3], y[2, :, 3:] = 0.0, 1.0  # the border split half and half
@@ -176,8 +175,6 @@ def test_border_prior_asks_the_border_to_be_one_side_whichever() -> None:
 def test_border_prior_gradient_is_smooth_where_training_starts() -> None:
     """At s = 1/2 the push is zero and changes sign continuously, so two computations
     that differ by rounding (1 DDP worker or 2) get gradients that differ by rounding."""
-    from sempart_core.losses import border_prior_loss
-
     grads = []
     for s in (0.5 - 1e-6, 0.5, 0.5 + 1e-6):
         y = torch.full((1, 4, 4), s, requires_grad=True)
