@@ -10,6 +10,13 @@ import pytest
 # A raylet may take longer than Ray's default 30 s to register on a busy 2-core machine;
 # local Ray instances of the tests (and their `sempart` subprocesses) wait longer.
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+# Ray's bookkeeping services poll all the time, and a test session keeps its Ray for
+# minutes while hundreds of worker log files pile up: the log monitor lists them every
+# 0.5 s instead of every loop (0.1 s), and the dashboard agent's node statistics, which
+# no test reads, are gathered every minute instead of every 5 s. Measured on 12 label
+# runs in one session (~95 s): log monitor 1.6 -> 1.0 CPU-s, dashboard agent 1.9 -> 1.5.
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
