@@ -38,6 +38,7 @@ from sempart_core.config import PostConfig
 from sempart_core.device_finish import finish_on_device, label_components, pad_masks
 from sempart_core.images import input_shape
 from sempart_core.postprocess import RawPrediction, finish_raw, rle_to_mask
+from timing import timed  # beside this script
 
 REPO_MASKS = Path(__file__).resolve().parents[1] / "tests" / "data" / "duts-te" / "masks"
 PATCH = 8
@@ -78,17 +79,6 @@ def model_like_maps(folder: Path, n: int, image_size: int) -> list[tuple[np.ndar
     return out
 
 
-def timed(fn, device: str):
-    """fn's result, its wall time and this process's CPU time (seconds)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - wall, time.process_time() - cpu
-
-
 def measure(maps: list[tuple[np.ndarray, tuple[int, int]]], image_size: int, device: str, batch_size: int,
             repeats: int) -> Figures:
     post = PostConfig()
@@ -105,10 +95,9 @@ def measure(maps: list[tuple[np.ndarray, tuple[int, int]]], image_size: int, dev
         cpu_ms.append((time.process_time() - start) * 1e3 / len(maps))
         got, wall, cpu = [None] * len(maps), 0.0, 0.0
         for b, tensor in zip(batches, on_device):
-            results, w, c = timed(lambda: finish_on_device(tensor, [maps[i][1] for i in b], [NCUT] * len(b), post),
-                                  device)
-            wall, cpu = wall + w, cpu + c
-            for i, r in zip(b, results):
+            t = timed(lambda: finish_on_device(tensor, [maps[i][1] for i in b], [NCUT] * len(b), post), device)
+            wall, cpu = wall + t.wall_s, cpu + t.cpu_s
+            for i, r in zip(b, t.result):
                 got[i] = r
         dev_ms.append(wall * 1e3 / len(maps))
         dev_cpu_ms.append(cpu * 1e3 / len(maps))

@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+from timing import timed  # noqa: E402
 
 
 @dataclass
@@ -65,22 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class Clock:
-    """Wall seconds of a block, with the device synchronised at both ends."""
-
-    def __init__(self, device: str):
-        import torch
-
-        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def __call__(self, fn, *args):
-        self.sync()
-        start = time.perf_counter()
-        result = fn(*args)
-        self.sync()
-        return time.perf_counter() - start, result
-
-
 def photo_bytes(n: int) -> list[bytes]:
     """n JPEGs at ~500x375: the DUTS photos re-encoded (as pipeline_ceiling makes them)."""
     import numpy as np
@@ -93,7 +78,7 @@ def photo_bytes(n: int) -> list[bytes]:
     return [d for p in photos for d in variants(p, per, rng)][:n]
 
 
-def model_forward(plan: Plan, clock: Clock) -> dict[int, float]:
+def model_forward(plan: Plan) -> dict[int, float]:
     """img/s of the bare ViT forward in bf16 (autocast on CUDA) per batch size."""
     import torch
 
@@ -105,7 +90,7 @@ def model_forward(plan: Plan, clock: Clock) -> dict[int, float]:
         x = torch.randn(b, 3, plan.image_size, plan.image_size, device=plan.device)
         with torch.inference_mode(), torch.autocast(plan.device, dtype=torch.bfloat16, enabled=plan.device == "cuda"):
             vit.forward_features(x)  # warm-up (kernel selection)
-            seconds = min(clock(vit.forward_features, x)[0] for _ in range(3))
+            seconds = min(timed(lambda: vit.forward_features(x), plan.device).wall_s for _ in range(3))
         rates[b] = b / seconds
     del vit
     return rates
@@ -138,7 +123,7 @@ def decode_on_cpu(datas: list[bytes], threads: int) -> list:
         return list(pool.map(decode_image, datas))
 
 
-def time_split(predictor, datas: list[bytes], clock: Clock, threads: int) -> dict[str, float]:
+def time_split(predictor, datas: list[bytes], threads: int) -> dict[str, float]:
     """ms per image of each step, each timed alone over all the images."""
     import numpy as np
     import torch
@@ -146,27 +131,29 @@ def time_split(predictor, datas: list[bytes], clock: Clock, threads: int) -> dic
     from sempart_core.gpu_decode import decode_and_prepare
     from sempart_core.prefetch import DeviceCopier, prefetch
 
-    n, size, patch = len(datas), predictor.config.data.image_size, predictor.patch
-    t_pil, rgbs = clock(decode_on_cpu, datas, threads)
-    t_resize, host = clock(lambda: [predictor.prepare(r) for r in rgbs])
-    t_dev, _ = clock(decode_and_prepare, datas, size, patch, predictor.device)
+    n, size, patch, device = len(datas), predictor.config.data.image_size, predictor.patch, predictor.device
+    pil = timed(lambda: decode_on_cpu(datas, threads), device)
+    rgbs = pil.result
+    resize = timed(lambda: [predictor.prepare(r) for r in rgbs], device)
+    host = resize.result
+    on_device_decode = timed(lambda: decode_and_prepare(datas, size, patch, device), device)
     groups = defaultdict(list)
     for i, p in enumerate(host):
         groups[p.shape].append(i)
     batches = [torch.from_numpy(np.stack([host[i] for i in idx[s : s + predictor.batch_size]]))
                for idx in groups.values() for s in range(0, len(idx), predictor.batch_size)]
-    copier = DeviceCopier(predictor.device)
-    t_copy, on_device = clock(lambda: list(prefetch(batches, copier)))
-    t_model, raws = clock(lambda: [r for b in on_device for r in predictor.infer(b)])
+    copier = DeviceCopier(device)
+    copy = timed(lambda: list(prefetch(batches, copier)), device)
+    model = timed(lambda: [r for b in copy.result for r in predictor.infer(b)], device)
     order = [i for idx in groups.values() for s in range(0, len(idx), predictor.batch_size)
              for i in idx[s : s + predictor.batch_size]]
-    t_post, _ = clock(lambda: [predictor.finish(raw, *rgbs[i].shape[:2]) for i, raw in zip(order, raws)])
-    ms = lambda t: round(1000 * t / n, 3)  # noqa: E731
-    return {"decode_pil_threads": ms(t_pil), "resize_pil": ms(t_resize), "decode_resize_device": ms(t_dev),
-            "transfer": ms(t_copy), "model": ms(t_model), "post": ms(t_post), "decode_threads": threads}
+    post = timed(lambda: [predictor.finish(raw, *rgbs[i].shape[:2]) for i, raw in zip(order, model.result)], device)
+    ms = lambda t: round(1000 * t.wall_s / n, 3)  # noqa: E731
+    return {"decode_pil_threads": ms(pil), "resize_pil": ms(resize), "decode_resize_device": ms(on_device_decode),
+            "transfer": ms(copy), "model": ms(model), "post": ms(post), "decode_threads": threads}
 
 
-def latency(predictor_for, image, repeats: int, clock: Clock) -> dict[str, float]:
+def latency(predictor_for, image, repeats: int) -> dict[str, float]:
     """Median ms of `predict` on one image, SEMPART and TokenCut alternating."""
     times = {m: [] for m in ("sempart", "tokencut")}
     predictors = {m: predictor_for(m) for m in times}
@@ -174,11 +161,11 @@ def latency(predictor_for, image, repeats: int, clock: Clock) -> dict[str, float
         p.predict([image])  # warm-up
     for _ in range(repeats):
         for m, p in predictors.items():
-            times[m].append(clock(p.predict, [image])[0])
+            times[m].append(timed(lambda: p.predict([image]), p.device).wall_s)
     return {m: round(1000 * statistics.median(t), 2) for m, t in times.items()}
 
 
-def train_step_rate(plan: Plan, clock: Clock, cfg) -> float:
+def train_step_rate(plan: Plan, cfg) -> float:
     """img/s of `training_step` (bf16 autocast on CUDA) on random uint8 batches."""
     import torch
 
@@ -193,7 +180,7 @@ def train_step_rate(plan: Plan, clock: Clock, cfg) -> float:
                           device=plan.device)
     step = lambda: training_step(backbone, heads, batch, opt, None, cfg, plan.device, dtype)  # noqa: E731
     step()  # warm-up
-    seconds, _ = clock(lambda: [step() for _ in range(plan.train_steps)])
+    seconds = timed(lambda: [step() for _ in range(plan.train_steps)], plan.device).wall_s
     return plan.train_batch * plan.train_steps / seconds
 
 
@@ -225,7 +212,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("no CUDA device: run with --cpu")
     started = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="sempart-gpu-check-"))
-    clock = Clock(plan.device)
     threads = os.cpu_count() or 1
     report: dict = {"device": torch.cuda.get_device_name() if plan.device == "cuda" else "cpu", "cpus": threads,
                     "torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -235,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {name}", file=sys.stderr, flush=True)
 
     step("model forward")
-    rates = model_forward(plan, clock)
+    rates = model_forward(plan)
     report["model_forward_ips"] = round(max(rates.values()), 1)
     report["model_forward_ips_by_batch"] = {b: round(r, 1) for b, r in rates.items()}
 
@@ -250,21 +236,21 @@ def main(argv: list[str] | None = None) -> None:
     step("predict, CPU decode and device decode")
     predictor.predict([decode_image(d) for d in datas[: plan.batch_size]])  # warm-up
     predict_device_decode(predictor, datas[: plan.batch_size])
-    t_cpu, _ = clock(lambda: predictor.predict(decode_on_cpu(datas, threads)))
-    t_dev, _ = clock(predict_device_decode, predictor, datas)
+    t_cpu = timed(lambda: predictor.predict(decode_on_cpu(datas, threads)), plan.device).wall_s
+    t_dev = timed(lambda: predict_device_decode(predictor, datas), plan.device).wall_s
     report["predict_ips_cpu_decode"] = round(len(datas) / t_cpu, 1)
     report["predict_ips_device_decode"] = round(len(datas) / t_dev, 1)
 
     step("time split")
-    report["ms_per_image"] = time_split(predictor, datas, clock, threads)
+    report["ms_per_image"] = time_split(predictor, datas, threads)
 
     step("SEMPART vs TokenCut latency")
-    report["latency_ms"] = latency(predictor_for, decode_image(datas[0]), plan.latency_repeats, clock)
+    report["latency_ms"] = latency(predictor_for, decode_image(datas[0]), plan.latency_repeats)
 
     step("training step")
     train_cfg = SempartConfig.from_dict(cfg.to_dict())
     train_cfg.train.batch_size = plan.train_batch
-    report["train_step_ips"] = round(train_step_rate(plan, clock, train_cfg), 1)
+    report["train_step_ips"] = round(train_step_rate(plan, train_cfg), 1)
     if plan.device == "cuda":
         report["gpu_memory_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 

@@ -34,7 +34,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +51,7 @@ from sempart_core.config import BackboneConfig, InstanceConfig
 from sempart_core.images import decode_image
 from sempart_core.instances import PaintedGraph, feature_links, maskcut_batch, solve
 from sempart_core.training import to_model_input
+from timing import timed  # beside this script
 
 log = logging.getLogger("benchmarks.instances")
 
@@ -141,18 +142,14 @@ def load_photos(folder: str, n: int, size: int) -> np.ndarray:
 
 def features(backbone: Backbone, photos: np.ndarray, batch_size: int, device: torch.device) -> tuple[torch.Tensor, float]:
     """Keys of every photo [n, N, C] on `device` and the backbone's seconds, in batches."""
-    chunks, start = [], time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(photos), batch_size):
-            x = to_model_input(photos[i : i + batch_size], backbone.mean, backbone.std, device)
-            chunks.append(backbone(x))
-    synchronize(device)
-    return torch.cat(chunks), time.perf_counter() - start
 
+    def run() -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return [backbone(to_model_input(photos[i : i + batch_size], backbone.mean, backbone.std, device))
+                    for i in range(0, len(photos), batch_size)]
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    t = timed(run, device)
+    return torch.cat(t.result), t.wall_s
 
 
 def reference_maskcut(feats: torch.Tensor, grid: tuple[int, int], patch: int, config: InstanceConfig) -> ReferenceResult:
@@ -223,13 +220,6 @@ class _Lap:
         self.watch.seconds[self.name] = self.watch.seconds.get(self.name, 0.0) + time.perf_counter() - self.start
 
 
-def timed(call: Callable[[], object], sync: Callable[[], None] = lambda: None) -> tuple[object, float]:
-    start = time.perf_counter()
-    out = call()
-    sync()
-    return out, time.perf_counter() - start
-
-
 def instance_iou(ours: np.ndarray, ref: np.ndarray) -> list[float]:
     """IoU of the k-th mask of each side, k over the longer list (a missing mask: 0)."""
     ious = []
@@ -246,13 +236,11 @@ def our_stages(feats: torch.Tensor, grid: tuple[int, int], config: InstanceConfi
     """Seconds of our graph (built once per image) and first cut's solve, alone, for the
     images of one batch taken one at a time (as `maskcut_batch` takes them on the CPU)."""
     seconds = {"graph (once per image)": 0.0, "solve (first cut)": 0.0}
-    sync = lambda: synchronize(feats.device)  # noqa: E731
     for f in feats:
-        links, t_graph = timed(lambda: feature_links(f[None], config.tau), sync)
-        graph = PaintedGraph(links, torch.zeros(1, f.shape[0], dtype=torch.bool, device=f.device), config.eps)
-        _, t_solve = timed(lambda: solve(graph, grid, config), sync)
-        seconds["graph (once per image)"] += t_graph
-        seconds["solve (first cut)"] += t_solve
+        links = timed(lambda: feature_links(f[None], config.tau), feats.device)
+        graph = PaintedGraph(links.result, torch.zeros(1, f.shape[0], dtype=torch.bool, device=f.device), config.eps)
+        seconds["graph (once per image)"] += links.wall_s
+        seconds["solve (first cut)"] += timed(lambda: solve(graph, grid, config), feats.device).wall_s
     return seconds
 
 
@@ -271,14 +259,13 @@ def run(s: Settings) -> dict:
         stages = our_stages(batches[0], grid, config)
         ours, refs, t_ours, cpu = [], [], 0.0, {"ours": 0.0, "reference": 0.0}
         for b, batch in enumerate(batches):  # alternating, so that load elsewhere hits both alike
-            start = time.process_time()
-            out, seconds = timed(lambda: maskcut_batch(batch, grid, config))
-            middle = time.process_time()
-            refs += [reference_maskcut(f, grid, patch, config) for f in batch]
-            cpu["ours"] += middle - start
-            cpu["reference"] += time.process_time() - middle
-            ours, t_ours = ours + out, t_ours + seconds
-            log.info("batch %d/%d: ours %.2f s, reference %.2f s", b + 1, len(batches), seconds,
+            mine = timed(lambda: maskcut_batch(batch, grid, config), device)
+            theirs = timed(lambda: [reference_maskcut(f, grid, patch, config) for f in batch])
+            refs += theirs.result
+            cpu["ours"] += mine.cpu_s
+            cpu["reference"] += theirs.cpu_s
+            ours, t_ours = ours + mine.result, t_ours + mine.wall_s
+            log.info("batch %d/%d: ours %.2f s, reference %.2f s", b + 1, len(batches), mine.wall_s,
                      sum(sum(r.seconds.values()) for r in refs[-len(batch):]))
     t_ref = sum(sum(r.seconds.values()) for r in refs)
     ref_stages = {k: sum(r.seconds.get(k, 0.0) for r in refs) for k in ("graph", "solve", "post")}

@@ -23,7 +23,6 @@ import json
 import logging
 import statistics
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ from sempart_core.predictor import Predictor
 from sempart_core.synthetic import synthetic_dataset
 from sempart_core.tokencut import fiedler_vector
 from sempart_core.training import to_model_input
+from timing import timed  # beside this script
 
 log = logging.getLogger("benchmarks.latency")
 
@@ -243,17 +243,6 @@ def stage_calls(ours: Predictor, baseline: Predictor, baseline_bs: Predictor, rg
     return calls
 
 
-def time_ms(call: Callable[[], object], device: torch.device) -> float:
-    """Wall time of one call in ms; waits for queued GPU work before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    call()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def measure(ours: Predictor, baseline: Predictor, baseline_bs: Predictor, images: list[np.ndarray],
             s: Settings) -> dict[str, list[float]]:
     """Samples per row: warm-up on the first image, then rounds over every row per image.
@@ -270,7 +259,7 @@ def measure(ours: Predictor, baseline: Predictor, baseline_bs: Predictor, images
                     call()
         for _ in range(s.repeats):
             for name, call in calls.items():
-                samples[name].append(time_ms(call, ours.device))
+                samples[name].append(timed(call, ours.device).wall_s * 1e3)
         log.info("image %d/%d %s: ours %.1f ms, TokenCut %.1f ms, TokenCut + BS %.1f ms", i + 1,
                  len(images), "x".join(map(str, rgb.shape[:2])), samples["ours"][-1],
                  samples["baseline"][-1], samples["baseline_bs"][-1])

@@ -440,6 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     cpu_per_row = 1000 * (e2e["cpu_s"] - base["cpu_s"] - device_s - fixed / 1000 * extra_s) / rows
     device_per_row = 1000 * device_s / rows
     cores = cpu_per_row * args.gpu_rate / 1000 + fixed / 1000
+    if cpu_per_row <= 0:
+        print(f"WARNING: the {n:,}-row run cost no more CPU outside the device stages than the {args.base_n:,}-row "
+              "one: the runs' start-ups differ by more than the extra rows cost; use a larger --n", flush=True)
     t = e2e["timings"]
     print(f"sempart label: {e2e['rows_per_s']:.1f} rows/s (labelling stage; {e2e['invocations']} invocation(s)), "
           f"{e2e['wall_s']:.1f} s wall in all over {e2e['processes']} processes, {e2e['cpu_s']:.1f} CPU-s "
