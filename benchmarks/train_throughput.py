@@ -42,6 +42,7 @@ from sempart_core.config import SempartConfig  # noqa: E402
 from sempart_core.images import decode_image  # noqa: E402
 from sempart_core.model import build_model  # noqa: E402
 from sempart_core.training import fit, random_batches  # noqa: E402
+from timing import synchronizer  # noqa: E402  (beside this script)
 
 log = logging.getLogger("benchmarks.train_throughput")
 
@@ -137,8 +138,7 @@ def baseline(folder: Path, cfg: SempartConfig, args: argparse.Namespace, threads
     batches = TimedBatches(random_batches(images, cfg, backbone.patch_size, seed=cfg.train.seed))
     autocast = torch.bfloat16 if device == "cuda" else None
     fit(backbone, heads, batches, cfg, device=device, log_every=cfg.train.steps, autocast_dtype=autocast)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronizer(device)()
     end = time.perf_counter()
     warm = batches.asked[args.warmup]  # step `warmup` done
     return (cfg.train.steps - args.warmup) * cfg.train.batch_size / (end - warm)
