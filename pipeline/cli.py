@@ -17,6 +17,7 @@ import typer
 
 from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
 from sempart_core.config import SempartConfig, load_config
+from sempart_core.heap import long_lived
 
 # Ray only where a command starts or joins it (cluster.init_ray): Ray's automatic connection
 # would let a stopped pipeline's threads start or join Ray again as the process exits.
@@ -281,8 +282,12 @@ def label_cmd(
     Exit code 0 when every image was labelled, 1 when some rows are errors, 2 for usage errors.
     """
     from pipeline.cluster import shutdown_quietly
-    from pipeline.label import IncompleteRunError, LabelOptions, run_label
     from pipeline.storage import configure_s3
+
+    with long_lived():  # Ray, Ray Data, pyarrow: the driver's imports, once
+        import ray.data
+
+        from pipeline.label import IncompleteRunError, LabelOptions, run_label
 
     configure_s3(s3_endpoint, s3_anon)
     try:
@@ -321,7 +326,9 @@ def train_cmd(
 ) -> None:
     """Train SEMPART on Ray Train; writes checkpoints and RUN_ROOT/RUN/model/."""
     from pipeline.storage import configure_s3
-    from pipeline.train import TrainJob, run_training
+
+    with long_lived():  # torch, timm, Ray Train: the driver's imports, once
+        from pipeline.train import TrainJob, run_training
 
     cfg = build_config(config, backbone, weights, image_size)
     for field_name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):

@@ -35,6 +35,7 @@ from pipeline.schema import LABELS_SCHEMA, STATUS_ERROR, image_id_for
 from pipeline.storage import read_object, redact
 from sempart_core.batching import DEFAULT_MAX_BATCH_TOKENS
 from sempart_core.config import InstanceConfig, PostConfig
+from sempart_core.heap import long_lived
 from sempart_core.images import decode_image, prepare_image
 from sempart_core.postprocess import (
     CompactPrediction,
@@ -220,19 +221,20 @@ class Labeler:
         instances: int = 0, instances_from: str = "maskcut", run_id: str = "", model_id: str | None = None,
         threads: int | None = None, finish: str | None = None,
     ):
-        import torch
-
-        from sempart_core.artifact import ArtifactError
-        from sempart_core.predictor import load_predictor
-        from sempart_core.prefetch import DeviceCopier
-
-        if threads:
-            torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if decode not in (None, "gpu", "cpu") or finish not in (None, "device", "cpu"):
             raise ValueError(f"decode takes gpu or cpu, finish device or cpu: not {decode!r}, {finish!r}")
-        self.predictor = load_predictor(model, device=device, batch_size=batch_size,
-                                        instances=instance_config(instances, instances_from))
+        with long_lived():  # torch, timm and the model stay for the actor's life
+            import torch
+
+            from sempart_core.artifact import ArtifactError
+            from sempart_core.predictor import load_predictor
+            from sempart_core.prefetch import DeviceCopier
+
+            if threads:
+                torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.predictor = load_predictor(model, device=device, batch_size=batch_size,
+                                            instances=instance_config(instances, instances_from))
         if model_id is not None and self.predictor.model_id != model_id:  # rows must carry the model that made them
             raise ArtifactError(f"model {redact(model)} changed since the run started: use a new OUT")
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
