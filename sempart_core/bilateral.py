@@ -12,15 +12,14 @@ splatted onto grid vertices (S), the linear system is solved there with conjugat
 gradients and a Jacobi preconditioner, and the result is sliced back (S^T). Defaults are
 those of TokenCut's saliency evaluation (``unsupervised_saliency_detection``): sigmas
 16 / 16 / 8, lambda 256, confidence 0.999, 25 CG iterations at tolerance 1e-5.
-Numpy/scipy on the CPU, as in TokenCut.
+Numpy/scipy on the CPU, as in TokenCut; scipy is imported where used, as this module is
+imported wherever postprocess is (see there).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import sparse
-from scipy.sparse.linalg import cg
 
 # ITU-R BT.601 full-range RGB -> YUV (JPEG's YCbCr), chroma centred on 128.
 _RGB_TO_YUV = np.array([
@@ -48,6 +47,8 @@ class BilateralGrid:
     """Splat, blur and slice operators of one image's bilateral grid."""
 
     def __init__(self, rgb: np.ndarray, config: BilateralConfig):
+        from scipy import sparse
+
         rgb = np.asarray(rgb)
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"bilateral grid needs an RGB image [H, W, 3], got {rgb.shape}")
@@ -124,6 +125,9 @@ def bilateral_solve(rgb: np.ndarray, target: np.ndarray, config: BilateralConfig
     target = np.asarray(target, dtype=np.float64)
     if target.shape != np.asarray(rgb).shape[:2]:
         raise ValueError(f"target {target.shape} and image {np.asarray(rgb).shape[:2]} differ in size")
+    from scipy import sparse
+    from scipy.sparse.linalg import cg
+
     grid = BilateralGrid(rgb, config)
     n, m = _bistochastize(grid)
     confidence = np.full(grid.n_pixels, config.confidence)

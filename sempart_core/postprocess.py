@@ -3,10 +3,13 @@
 Steps (docs/method.md, "From map to label"): resize the model's map to the original image,
 threshold it, find connected components and their boxes, score the partition, and
 encode the mask as COCO RLE. (The border rule, which picks the foreground side of the
-cut, runs on the model's output tensors: `foreground`.) No torch here, so that the CPU
-workers of the labelling pipeline stay light. `CompactPrediction` is what a label row
-needs of a result, without the full-size maps: `compact` makes it from a `Prediction`,
-`device_finish` makes the same record where the model ran.
+cut, runs on the model's output tensors: `foreground`.) No torch here, and scipy is
+imported by the functions that use it, so that the CPU workers of the labelling pipeline
+stay light: the writer and the decode tasks import this module (through pipeline.label)
+but never call those, and scipy would cost each of them ~0.35 CPU-s at start.
+`CompactPrediction` is what a label row needs of a result, without the full-size maps:
+`compact` makes it from a `Prediction`, `device_finish` makes the same record where the
+model ran.
 
 Box convention (used by every box in this project): ``[x1, y1, x2, y2]`` in pixels of
 the original image, with ``x2``/``y2`` exclusive. Pixel ``(row r, col c)`` covers the
@@ -23,7 +26,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
-from scipy import ndimage
 
 from sempart_core.bilateral import BilateralConfig, refine_mask
 from sempart_core.config import InstanceConfig, PostConfig
@@ -250,6 +252,8 @@ def refine_instance(
         work = resize_prob(patch.astype(np.float32), rgb.shape[:2]) > 0.5
         mask = resize_prob(refine_mask(rgb, work, bilateral), size) > 0.5
     if config.fill_holes:
+        from scipy import ndimage  # where used: see the module docstring
+
         mask = ndimage.binary_fill_holes(mask)
     union = np.count_nonzero(mask | nearest)
     iou = np.count_nonzero(mask & nearest) / union if union else 0.0
@@ -307,6 +311,8 @@ def connected_boxes(
     largest first (ties in scan order). Boxes follow the module's exclusive ``xyxy``
     convention.
     """
+    from scipy import ndimage  # where used: see the module docstring
+
     labels, count = ndimage.label(np.asarray(mask, dtype=bool), structure=_EIGHT_CONNECTED)
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     boxes = [[cols.start, rows.start, cols.stop, rows.stop] for rows, cols in ndimage.find_objects(labels)]
