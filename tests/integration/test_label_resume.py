@@ -27,6 +27,9 @@ from scripts import load_script
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES, ROWS_PER_FILE = 40, 2
+# How often the output is listed while waiting to kill: on S3 each listing costs ~4 ms of
+# this process's CPU (client and moto), which the run under test would otherwise share.
+POLL_S = 0.1
 
 
 def jpeg(seed: int) -> bytes:
@@ -108,7 +111,7 @@ def kill_at_first_part(proc: subprocess.Popen, store, log: Path, timeout: float 
     while not store.parts("out"):
         assert proc.poll() is None, f"exited ({proc.returncode}) before writing a part:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, "no part file in time"
-        time.sleep(0.02)
+        time.sleep(POLL_S)
     os.killpg(proc.pid, signal.SIGKILL)
     kill_session(proc.pid)
     proc.wait()
