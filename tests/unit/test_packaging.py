@@ -45,3 +45,38 @@ def test_ci_and_makefile_use_the_lowest_allowed_python() -> None:
     makefile = (REPO / "Makefile").read_text()
     assert re.search(rf"^PYTHON \?= python{re.escape(lowest)}$", makefile, re.M)
     assert f"command -v python{lowest}" in (REPO / ".ci" / "run").read_text()
+
+
+def dist_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_closure(roots: tuple[str, ...]) -> set[str]:
+    """The installed distributions `roots` need, to the end (this platform's markers,
+    the extras they ask for)."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), [(dist_name(r), "") for r in roots]
+    while todo:
+        name, extra = todo.pop()
+        if (name, extra) in seen:
+            continue
+        seen.add((name, extra))
+        for line in requires(name) or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": extra}):
+                todo += [(dist_name(req.name), e) for e in ("", *req.extras)]
+    return {name for name, _ in seen}
+
+
+def test_makefile_torch_closure_is_what_torch_needs() -> None:
+    """`make` installs TORCH_CLOSURE with torch's pip and the rest of constraints.txt with
+    another pip at the same time: a name in both would be written by two pips at once,
+    one in neither would be missing."""
+    pattern = re.search(r"^TORCH_CLOSURE := (.+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    pinned = [line.split("==")[0] for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line]
+    by_makefile = {dist_name(n) for n in pinned if re.match(pattern, f"{n}==", re.I)}
+    needed = requirement_closure(("torch", "torchvision")) & {dist_name(n) for n in pinned}
+    assert by_makefile == needed
