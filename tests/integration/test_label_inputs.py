@@ -228,7 +228,7 @@ def test_label_reuses_a_manifest_without_listing(s3_bucket: str, ray_session, mo
     store.put("in/9/new.png", tiny_png(9))
     store.delete("in/0/img.png")
     result = CliRunner().invoke(app, ["label", "--model", model, "--input", store.uri("manifest.parquet"),
-                                      "--out", store.uri("out"), "--no-gpu"])
+                                      "--out", store.uri("out"), "--no-gpu", *ONE_ACTOR])
     assert result.exit_code == 1, result.output
     rows = {r["uri"]: r for r in store.labels("out")}
     assert sorted(rows) == listed  # the manifest's rows, not the bucket's keys now

@@ -2,7 +2,8 @@
 process group and the rest of its session) once its first part file appears, then
 `sempart label --resume` (in this process, on the shared test Ray to save a Ray start):
 every input is in the readable table exactly once. Locally and with input and output
-on S3 (moto server)."""
+on S3 (moto server). The killed run has the default actors (one per CPU, labelling
+concurrently when the kill comes); the resume, which only finishes the rest, has one."""
 from __future__ import annotations
 
 import io
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from cli_args import ONE_ACTOR
 from instance_rows import check_instances
 from PIL import Image
 from typer.testing import CliRunner
@@ -158,7 +160,7 @@ def test_sigkill_then_resume_labels_each_input_once(store, model: str, tmp_path:
         seen.update(uris)
     assert max(seen.values()) == 1
 
-    result = CliRunner().invoke(app, label_args(model, store) + ["--resume"])
+    result = CliRunner().invoke(app, label_args(model, store) + ["--resume", *ONE_ACTOR])
     assert result.exit_code == 0, result.output
     assert f"this run {N_IMAGES - ROWS_PER_FILE * len(interrupted)} in" in result.output  # the rest, only
     parts = store.parts("out")
@@ -217,7 +219,7 @@ def test_sigkill_then_resume_shards_and_parquet_on_s3(kind: str, s3_bucket: str,
     assert 1 <= len(interrupted) < n_chunks, "the kill should land before the run finishes"
     job = load_script(REPO / "jobs" / "label_job.py", "label_job")
     with pytest.raises(SystemExit) as exit_info:
-        job.main(args[1:] + ["--resume"])
+        job.main(args[1:] + ["--resume", *ONE_ACTOR])
     assert exit_info.value.code == 0
     parts = store.parts("out")
     assert len(parts) == n_chunks and set(interrupted) <= set(parts)
