@@ -111,11 +111,15 @@ class Cluster:
             "    time.sleep(0.5)\n"
             "print(sum(n['Alive'] for n in ray.nodes()))\n"
         )
+        # A node that exits now will not join: stop waiting. One that had exited before
+        # (its raylet gave up on a busy machine; `workers()` no longer counts it) is
+        # ignored, or no replacement could ever join.
+        gone = {n.name for n in self.nodes if n.proc.poll() is not None}
         probe_proc = subprocess.Popen([sys.executable, "-c", probe, self.address, str(count), str(timeout)],
                                       env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
-            while probe_proc.poll() is None:  # a node that exits will not join: stop waiting
-                if any(n.proc.poll() is not None and not n.killed for n in self.nodes):
+            while probe_proc.poll() is None:
+                if any(n.proc.poll() is not None and not n.killed and n.name not in gone for n in self.nodes):
                     break
                 time.sleep(1)
         finally:
