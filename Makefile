@@ -23,7 +23,8 @@ CONSTRAINTS := constraints.txt
 # what it needs (TORCH_CLOSURE: the names torch and torchvision require, to the end; a
 # unit test checks them against the installed metadata) install with one pip, and the
 # rest of constraints.txt, pinned and without resolving (--no-deps), with another;
-# `pip check` then fails on anything missing (add it to constraints.txt). `make .venv/.installed`
+# `pip check` then fails on anything missing, and a unit test on a requirement of
+# pyproject.toml that constraints.txt does not pin (pin it there). `make .venv/.installed`
 # on a fresh clone here: 80 s -> 51 and 57 s, the same packages (pip freeze).
 TORCH_CLOSURE := ^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+|setuptools|filelock|typing.extensions|sympy|mpmath|networkx|jinja2|markupsafe|fsspec|numpy|pillow)==
 $(STAMP): pyproject.toml $(CONSTRAINTS)

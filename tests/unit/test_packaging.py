@@ -7,7 +7,9 @@ import re
 import tomllib
 from pathlib import Path
 
+from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[2]
 SUPPORTED = ("3.11", "3.12", "3.13")
@@ -47,18 +49,12 @@ def test_ci_and_makefile_use_the_lowest_allowed_python() -> None:
     assert f"command -v python{lowest}" in (REPO / ".ci" / "run").read_text()
 
 
-def dist_name(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def requirement_closure(roots: tuple[str, ...]) -> set[str]:
     """The installed distributions `roots` need, to the end (this platform's markers,
     the extras they ask for)."""
     from importlib.metadata import requires
 
-    from packaging.requirements import Requirement
-
-    seen, todo = set(), [(dist_name(r), "") for r in roots]
+    seen, todo = set(), [(canonicalize_name(r), "") for r in roots]
     while todo:
         name, extra = todo.pop()
         if (name, extra) in seen:
@@ -67,7 +63,7 @@ def requirement_closure(roots: tuple[str, ...]) -> set[str]:
         for line in requires(name) or []:
             req = Requirement(line)
             if req.marker is None or req.marker.evaluate({"extra": extra}):
-                todo += [(dist_name(req.name), e) for e in ("", *req.extras)]
+                todo += [(canonicalize_name(req.name), e) for e in ("", *req.extras)]
     return {name for name, _ in seen}
 
 
@@ -76,7 +72,20 @@ def test_makefile_torch_closure_is_what_torch_needs() -> None:
     another pip at the same time: a name in both would be written by two pips at once,
     one in neither would be missing."""
     pattern = re.search(r"^TORCH_CLOSURE := (.+)$", (REPO / "Makefile").read_text(), re.M).group(1)
-    pinned = [line.split("==")[0] for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line]
-    by_makefile = {dist_name(n) for n in pinned if re.match(pattern, f"{n}==", re.I)}
-    needed = requirement_closure(("torch", "torchvision")) & {dist_name(n) for n in pinned}
+    by_makefile = {canonicalize_name(n) for n in pinned() if re.match(pattern, f"{n}==", re.I)}
+    needed = requirement_closure(("torch", "torchvision")) & {canonicalize_name(n) for n in pinned()}
     assert by_makefile == needed
+
+
+def pinned() -> list[str]:
+    """The names constraints.txt pins."""
+    return [line.split("==")[0] for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line]
+
+
+def test_constraints_pin_every_requirement_of_the_package() -> None:
+    """`make` installs constraints.txt without resolving (`--no-deps`) and `pip check`
+    does not look at extras: a requirement added to pyproject.toml, the s3 and dev extras
+    included, must be pinned there too."""
+    names = [Requirement(r).name for r in project()["dependencies"]]
+    names += [Requirement(r).name for extra in ("s3", "dev") for r in project()["optional-dependencies"][extra]]
+    assert {canonicalize_name(n) for n in names} - {canonicalize_name(n) for n in pinned()} == set()
