@@ -72,14 +72,15 @@ def test_makefile_torch_closure_is_what_torch_needs() -> None:
     another pip at the same time: a name in both would be written by two pips at once,
     one in neither would be missing."""
     pattern = re.search(r"^TORCH_CLOSURE := (.+)$", (REPO / "Makefile").read_text(), re.M).group(1)
-    by_makefile = {canonicalize_name(n) for n in pinned() if re.match(pattern, f"{n}==", re.I)}
-    needed = requirement_closure(("torch", "torchvision")) & {canonicalize_name(n) for n in pinned()}
-    assert by_makefile == needed
+    names = pinned()
+    by_makefile = {n for n in names if re.match(pattern, f"{n}==", re.I)}
+    assert by_makefile == requirement_closure(("torch", "torchvision")) & names
 
 
-def pinned() -> list[str]:
-    """The names constraints.txt pins."""
-    return [line.split("==")[0] for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line]
+def pinned() -> set[str]:
+    """The names constraints.txt pins (canonical)."""
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    return {canonicalize_name(line.split("==")[0]) for line in lines if "==" in line}
 
 
 def test_constraints_pin_every_requirement_of_the_package() -> None:
@@ -88,4 +89,4 @@ def test_constraints_pin_every_requirement_of_the_package() -> None:
     included, must be pinned there too."""
     names = [Requirement(r).name for r in project()["dependencies"]]
     names += [Requirement(r).name for extra in ("s3", "dev") for r in project()["optional-dependencies"][extra]]
-    assert {canonicalize_name(n) for n in names} - {canonicalize_name(n) for n in pinned()} == set()
+    assert {canonicalize_name(n) for n in names} - pinned() == set()
