@@ -1,29 +1,28 @@
-"""The ceiling of `sempart label` itself: rows/s with a model that costs ~nothing, the
-CPU cost per image of each stage, and the writer's own ceiling.
+"""The CPU that `sempart label` costs per image outside the device stages, with a model
+that costs ~nothing: what a GPU node's CPUs must carry, and so how many cores per GPU.
 
-One run does three things on the same JPEGs (the DUTS-TE photos of tests/data,
-re-encoded at ~500x375 into `--n` files; hard links to a few hundred distinct
-encodings, so decode work is real and generation cheap):
+On the same JPEGs (the DUTS-TE photos of tests/data re-encoded at ~500x375; `--n` hard
+links to a few hundred distinct encodings, so decode work is real and generation cheap)
+and a stand-in model (timm's `test_vit`, width 64, RANDOM weights, at 64 px), one run:
 
-1. `sempart label` end to end in a subprocess (local Ray, Ray Data, Parquet out) with a
-   stand-in model: timm's `test_vit` (6 blocks of width 64, RANDOM weights) at 64 px,
-   16 tokens per image. Reports rows/s of the labelling stage, and the CPU time of the
-   driver and every process below it (Ray services and workers, from /proc), per row.
-2. The same stage functions of pipeline/label.py, called in this process on a sample
-   of the same files and timed with `time.process_time` (one torch thread):
-   fetch (`storage.read_object`), decode + resize (`decode_image` + `prepare_image`, and
-   torchvision's decoder via `gpu_decode.decode_and_prepare` on the CPU), model (the
-   `Infer` actor class), finish (`finish_batch`: resize, threshold, boxes, score, RLE)
-   and write (`ChunkWriter`, Parquet + rename).
-3. The writer alone (`ChunkWriter`) on the rows that run 1 wrote, fed in batches of 16
-   like the pipeline does: rows/s per CPU-second (one busy writer process) and per
-   wall-second.
+1. reads the CPU per second of Ray and a Ray Data pipeline of the run's shape with no
+   rows flowing: `fixed_cpu_ms_per_s`;
+2. runs `sempart label --decode D --finish F` (`--no-gpu`, or `--gpu`) twice, on
+   `--base-n` images and on `--n`, reading the CPU of each run's process tree (driver,
+   Ray services, tasks, actors: /proc) and the inference actors' device stages (decode,
+   model, finish: timed in the actor; without a GPU they run on its CPU). Per row beyond
+   the small run: `device_ms_per_row`, and `cpu_ms_per_row`, the rest less the idle
+   cost over the extra seconds; by process too;
+3. with `--sample`, times the stage functions in this process (fetch, decode + resize,
+   model, finish, write) and the writer alone on the rows run 2 wrote.
 
+    python benchmarks/pipeline_ceiling.py --decode gpu --n 5000
+    python benchmarks/pipeline_ceiling.py --decode cpu --n 20000
     python benchmarks/pipeline_ceiling.py --quick     # 200 images
-    python benchmarks/pipeline_ceiling.py             # 20,000 images
 
-The last line is one JSON object: `rows_per_s`, `writer_rows_per_s`, `cpu_ms_per_image`
-(by stage), and the figures they come from.
+The last line is one JSON object: `decode`, `finish`, `cpu_ms_per_row`,
+`fixed_cpu_ms_per_s`, `device_ms_per_row`, `cores_per_gpu` and the figures they come
+from (benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -55,10 +54,12 @@ VARIANTS_PER_PHOTO = 16  # distinct encodings per photo (crop offset, flip, qual
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--decode", choices=sorted(MODES), default="gpu",
-                        help="gpu: `--decode gpu --finish device` (the CPUs fetch bytes, compress and write; "
-                             "without a GPU the actor's device stages run on its CPU, timed apart); "
-                             "cpu: `--decode cpu --finish cpu`.")
+    parser.add_argument("--decode", choices=["gpu", "cpu"], default="gpu",
+                        help="gpu: the inference actor reads and decodes the images; cpu: CPU tasks decode "
+                             "them with PIL (`sempart label --decode`).")
+    parser.add_argument("--finish", choices=["device", "cpu"], default="device",
+                        help="device: the maps finished where the model ran, as `--gpu` does by default (without "
+                             "a GPU the actor's device stages run on its CPU, timed apart); cpu: in CPU tasks.")
     parser.add_argument("--gpu", action="store_true",
                         help="Label with `--gpu` (the device stages on this machine's GPUs) instead of `--no-gpu`.")
     parser.add_argument("--quick", action="store_true", help="200 images, 100 in the per-stage sample, 5 s idle.")
@@ -66,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample", type=int, help="Images timed per stage in-process (default 1,000; 0: none).")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sempart-ceiling", help="Images, model, outputs.")
     parser.add_argument("--interval", type=float, default=0.5, help="Seconds between /proc CPU samples.")
-    parser.add_argument("--idle-s", type=float, help="Seconds the idle Ray's CPU is read (default 30).")
-    parser.add_argument("--settle", type=float, default=5.0, help="Seconds the idle Ray is left to settle first.")
+    parser.add_argument("--idle-s", type=float, help="Seconds the idle pipeline's CPU is read (default 30).")
+    parser.add_argument("--settle", type=float, default=5.0, help="Seconds the idle pipeline is left to settle first.")
     parser.add_argument("--base-n", type=int, default=32,
                         help="Images of the second, small run whose cost is subtracted as the run's fixed cost.")
     parser.add_argument("--gpu-rate", type=float, default=2500.0, help="img/s of one GPU, for the cores it needs.")
@@ -171,7 +172,6 @@ def process_name(pid: int) -> str | None:
 
 STARTUP_TIMEOUT = "timed out during startup"  # Ray's 30 s limit for its raylet, met on a loaded machine
 FIRST_ROWS = "first rows at the writer"  # pipeline.label.consume logs it once
-MODES = {"gpu": ["--decode", "gpu", "--finish", "device"], "cpu": ["--decode", "cpu", "--finish", "cpu"]}
 
 
 class TreeSampler:
@@ -261,10 +261,10 @@ def label_end_to_end(args: argparse.Namespace, n: int, model: Path) -> dict:
     rows/s, the CPU seconds of its process tree in all and until its first rows reached
     the writer (start-up: Ray, the actors' imports and model load, the first blocks)."""
     folder = image_folder(args.work, n)
-    out = args.work / f"out-{args.decode}-{n}-{os.getpid()}"
+    out = args.work / f"out-{args.decode}-{args.finish}-{n}-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     result = sempart_label(["--model", str(model), "--input", str(folder), "--gpu" if args.gpu else "--no-gpu",
-                            *MODES[args.decode]], out, args.interval)
+                            "--decode", args.decode, "--finish", args.finish], out, args.interval)
     run, marks = result["run"], result["marks"]
     if sum(run["counts"].values()) != n:
         raise SystemExit(f"expected {n} rows, the run record says {run['counts']}")
@@ -279,39 +279,56 @@ def label_end_to_end(args: argparse.Namespace, n: int, model: Path) -> dict:
 
 
 IDLE_CHILD = """
-import sys, time
+import os, sys, tempfile, threading, time
 import ray
 from pipeline.cluster import init_ray
+
 init_ray()
-@ray.remote(num_cpus=0)
-class Idle:
-    def ready(self):
-        return True
-actors = [Idle.remote() for _ in range(int(sys.argv[1]))]
-ray.get([a.ready.remote() for a in actors])
+workers, seconds, arrived = int(sys.argv[1]), float(sys.argv[2]), tempfile.mkdtemp()
+
+class Waiting:  # an inference actor with nothing to do: it reports in, then waits
+    def __call__(self, batch):
+        open(os.path.join(arrived, str(os.getpid())), "w").close()
+        time.sleep(seconds)
+        return batch
+
+class Passing:  # the writer's place, waiting for rows
+    def __call__(self, batch):
+        return batch
+
+ds = ray.data.from_items([{"i": i} for i in range(workers)], override_num_blocks=workers)
+ds = ds.map_batches(Waiting, batch_size=1, num_cpus=0,
+                    compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1))
+ds = ds.map_batches(Passing, batch_size=None, num_cpus=0, compute=ray.data.ActorPoolStrategy(size=1))
+threading.Thread(target=lambda: list(ds.iter_batches(batch_size=None)), daemon=True).start()
+while len(os.listdir(arrived)) < workers:
+    time.sleep(0.2)
 print("ready", flush=True)
-time.sleep(float(sys.argv[2]))
+time.sleep(seconds)
 """
 
 
-def idle_ray(args: argparse.Namespace) -> dict:
-    """The fixed CPU cost per second of an idle local Ray of the run's shape: started as
-    `sempart label` starts it (`init_ray`, the same CPUs), with as many idle actors as
-    the run has (one inference actor per CPU, or per GPU with `--gpu`; the writer). After
-    `--settle` s the tree's CPU is read over `--idle-s` s, nothing running."""
+def idle_pipeline(args: argparse.Namespace) -> dict:
+    """The fixed CPU cost per second of `sempart label`'s Ray with no rows flowing: Ray
+    started as `sempart label` starts it (`init_ray`, the same CPUs) and a Ray Data
+    pipeline of the run's shape (one inference actor per CPU, or per GPU with `--gpu`,
+    each waiting inside its first call; the writer's actor; the driver iterating;
+    Ray Data's own helper actors). After `--settle` s the tree's CPU is read over
+    `--idle-s` s. What Ray and Ray Data cost per second whatever the rows (the driver's
+    scheduling loop, the services' polling) is so kept out of the per-row figure."""
     if args.gpu:
         import torch
 
-        actors = torch.cuda.device_count() + 1
+        workers = torch.cuda.device_count()
     else:
-        actors = int(os.environ.get("SEMPART_NUM_CPUS") or os.cpu_count() or 1) + 1
-    env = {**os.environ, "PYTHONPATH": repo_on_path()}
-    proc = subprocess.Popen([sys.executable, "-c", IDLE_CHILD, str(actors), str(args.settle + args.idle_s + 60)],
+        workers = int(os.environ.get("SEMPART_NUM_CPUS") or os.cpu_count() or 1)
+    env = {**os.environ, "PYTHONPATH": repo_on_path(), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", IDLE_CHILD, str(workers), str(args.settle + args.idle_s + 60)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         tree = TreeSampler(proc.pid, args.interval)
         if proc.stdout.readline().strip() != "ready":
-            raise SystemExit("the idle Ray did not start")
+            raise SystemExit("the idle pipeline did not start")
         time.sleep(args.settle)
         t0, c0 = time.perf_counter(), tree.now()
         time.sleep(args.idle_s)
@@ -418,10 +435,10 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 < args.base_n < args.n:
         raise SystemExit(f"--base-n must be between 0 and --n, got {args.base_n}")
     print(f"{args.n:,} JPEGs in {folder}; model {BACKBONE} (RANDOM) at {IMAGE_SIZE} px; "
-          f"--decode {args.decode} ({' '.join(MODES[args.decode])})", flush=True)
-    idle = idle_ray(args)
+          f"--decode {args.decode} --finish {args.finish}", flush=True)
+    idle = idle_pipeline(args)
     fixed = idle["fixed_cpu_ms_per_s"]
-    print(f"idle Ray ({idle['processes']} processes): {fixed:.1f} CPU-ms per second over {idle['idle_s']:.0f} s",
+    print(f"idle pipeline ({idle['processes']} processes): {fixed:.1f} CPU-ms per second over {idle['idle_s']:.0f} s",
           flush=True)
     base = label_end_to_end(args, args.base_n, model)
     print(f"sempart label of {args.base_n} images (the fixed cost of a run): {base['wall_s']:.1f} s wall, "
@@ -450,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  start-up until the first rows at the writer: {e2e['startup_s']:.1f} s wall, {e2e['startup_cpu_s']:.1f} "
           f"CPU-s (ray.init {t['ray_start_s']:.1f} s, then {t['first_row_s']:.1f} s to the first rows)")
     print(f"  the {rows:,} rows more than the fixed run: {e2e['cpu_s'] - base['cpu_s']:.1f} CPU-s = device stages "
-          f"{device_s:.1f} + idle Ray {fixed / 1000 * extra_s:.1f} ({extra_s:.1f} s) + the rest")
+          f"{device_s:.1f} + fixed {fixed / 1000 * extra_s:.1f} ({extra_s:.1f} s) + the rest")
     by_process = {k: round(1000 * (v - base["by_process"].get(k, 0.0)) / rows, 3)
                   for k, v in sorted(e2e["by_process"].items(), key=lambda kv: -kv[1])}
     print("  CPU-ms per extra row by process (device stages included in the inference actors'): "
@@ -459,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
           f"fixed: {fixed:.1f} CPU-ms per s")
     print(f"  cores per GPU at {args.gpu_rate:.0f} img/s: {cpu_per_row:.2f} x {args.gpu_rate / 1000:g} + "
           f"{fixed / 1000:.2f} = {cores:.1f}", flush=True)
-    figures = {"decode": args.decode, "n": n, "cpu_ms_per_row": round(cpu_per_row, 3),
+    figures = {"decode": args.decode, "finish": args.finish, "n": n, "cpu_ms_per_row": round(cpu_per_row, 3),
                "fixed_cpu_ms_per_s": round(fixed, 2), "device_ms_per_row": round(device_per_row, 3),
                "gpu_rate": args.gpu_rate, "cores_per_gpu": round(cores, 2), "rows_per_s": round(e2e["rows_per_s"], 1),
                "wall_s": round(e2e["wall_s"], 1), "cpu_ms_per_row_with_startup": round(1000 * e2e["cpu_s"] / n, 3),

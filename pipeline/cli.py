@@ -266,7 +266,7 @@ def label_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", help="Label only the first N images of the input."),
     image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet input: column of image bytes (binary or struct with 'bytes'; default: image, jpg, img or bytes)."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet input: column of image ids (default: sha1 of the uri)."),
-    decode: Optional[str] = typer.Option(None, "--decode", help="gpu: decode JPEGs in the inference actors, on their device (the CPUs only fetch bytes); cpu: decode with PIL in CPU tasks (default: gpu with --gpu, else cpu)."),
+    decode: Optional[str] = typer.Option(None, "--decode", help="gpu: the inference actors read the images and decode JPEGs on their device; cpu: decode with PIL in CPU tasks (default: gpu with --gpu, else cpu)."),
     finish: Optional[str] = typer.Option(None, "--finish", help="device: resize, threshold, box and score the maps where the model ran, the CPUs only compress and write (default with --gpu); cpu: in CPU tasks."),
     instances: Optional[int] = typer.Option(None, "--instances", help="Up to N objects per image in the instances column (MaskCut; default 0: none). Fixed per run."),
     instances_from: Optional[str] = typer.Option(None, "--instances-from", help="maskcut: MaskCut's cuts alone (default); sempart: the model's own mask first, then cuts over the rest."),

@@ -4,20 +4,23 @@ Stages (Ray Data, streaming; docs/design.md, "How one image flows"):
   1. chunk descriptors -> the chunk's images (`sources.ChunkSource`: image files by
      manifest rows, a WebDataset shard read as one stream, or rows of Parquet files)
   2. `decode_image`, `prepare_image`; a bad image becomes an error row, never a failed
-     block (1 and 2: one CPU task per chunk)
+     block (1 and 2: one CPU task per chunk; with --decode gpu, in the inference actor,
+     `ChunkInfer`, decoding on its device)
   3. actor pool: the model loaded once per actor, `Predictor.infer` per batch of equal
      prepared shapes within a token budget, split in halves when memory runs out; an
      image out of memory alone is an error row (sempart_core/batching.py; one GPU per
      actor with --gpu; bf16 inside the Predictor)
-  4. CPU tasks: `finish_raw` (resize, threshold, boxes, score), COCO RLE
+  4. CPU tasks: `finish_raw` (resize, threshold, boxes, score), COCO RLE; with --finish
+     device the actor finishes the maps on its device and, without instances, the rows
+     too (no finish tasks)
   5. one writer actor: collects each chunk's rows and writes the chunk's file.
 
 Exactly once. The manifest is fixed when a run starts (an input other than a manifest
 is listed into OUT/_manifests/<run_id>.parquet), and chunk k is its rows
 [k * rows_per_file, (k + 1) * rows_per_file), or shard k of a WebDataset input (one
 manifest row per shard, whose sample count is known only once it is read). Each row
-carries (chunk, row in chunk); a decode task ends each chunk with an end-of-chunk row
-holding the chunk's row count, which flows through the later stages to the writer.
+carries (chunk, row in chunk); the chunk's reader (a decode task, or `ChunkInfer`) ends
+it with an end row holding the chunk's row count, which flows on to the writer.
 Chunk k is written to exactly one file, OUT/part-<run_id>-<k:06d>.parquet, only once its
 end row and all of its rows are there: locally under OUT/_tmp/ and then renamed
 (atomic), on S3 straight to the key (an object appears only when its upload completes).
@@ -88,6 +91,7 @@ DEFAULT_STALL_TIMEOUT_S = 300.0
 PROGRESS_ROW = -1  # the chunk of the writer's per-batch row: rows taken, none written yet
 DECODE_MEMORY = 2**30  # bytes reserved per decode task (see build_dataset)
 DECODE_BATCH = 16  # images per table yielded by a decode task
+FETCH_THREADS = 16  # image reads in flight per inference actor that fetches its own (ChunkInfer)
 CPU_STAGE_NICE = 10  # scheduling priority of the light stages when the model runs on CPU
 CPU_BLOCK_BYTES = 2**20  # block size on CPU: a few 320 px images, so an actor task is ~one batch
 
@@ -196,15 +200,16 @@ def decode_sample(sample: sources.Sample, image_size: int, patch: int, decode: s
 
 
 def decode_samples(
-    samples: Iterator[sources.Sample], chunk: int, image_size: int, patch: int, decode: str = "cpu"
+    samples: Iterator[sources.Sample], chunk: int, image_size: int, patch: int, decode: str = "cpu",
+    per_table: int = DECODE_BATCH,
 ) -> Iterator[pa.Table]:
-    """One chunk's samples -> decoded rows, DECODE_BATCH per table, then its end row."""
+    """One chunk's samples -> decoded rows, `per_table` per table, then its end row."""
     out: list[dict] = []
     n, retries_before = 0, storage.retries()
     for sample in samples:
         out.append({**decode_sample(sample, image_size, patch, decode), "chunk": chunk, "row": n})
         n += 1
-        if len(out) == DECODE_BATCH:
+        if len(out) == per_table:
             yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
             out = []
     out.append({"chunk": chunk, "row": -1, "chunk_rows": n, "s3_retries": storage.retries() - retries_before,
@@ -221,9 +226,10 @@ def lower_priority(nice: int) -> None:
 
 def decode_chunks(
     batch: pa.Table, source: sources.ChunkSource, image_size: int, patch: int, nice: int = 0,
-    errors_of_run: tuple[str, str] | None = None, decode: str = "cpu",
+    errors_of_run: tuple[str, str] | None = None, decode: str = "cpu", per_table: int = DECODE_BATCH,
+    fetch_threads: int = 1,
 ) -> Iterator[pa.Table]:
-    """Chunk indices -> decoded rows, DECODE_BATCH images per yielded table. With
+    """Chunk indices -> decoded rows, `per_table` images per yielded table. With
     `errors_of_run` (OUT, run id; --retry-errors) only the rows that are errors in the
     chunks' part files.
 
@@ -232,11 +238,11 @@ def decode_chunks(
     the two, and the run would advance in a few large waves (benchmarks/README.md)."""
     lower_priority(nice)
     for chunk in batch.column("chunk").to_pylist():
-        samples = source.samples(chunk)
+        samples = source.samples(chunk, fetch_threads)
         if errors_of_run is not None:
             samples = error_samples(samples, chunk, *errors_of_run)
         try:
-            yield from decode_samples(samples, chunk, image_size, patch, decode)
+            yield from decode_samples(samples, chunk, image_size, patch, decode, per_table)
         except Exception as exc:  # noqa: BLE001 - the chunk is left to --resume, the run goes on
             logger.warning("chunk %d could not be read, left for --resume: %s", chunk, one_line(exc))
             yield failed_chunk_row(chunk, exc)
@@ -253,9 +259,21 @@ class Infer(Labeler):
     """The inference stage of `sempart label` (an actor, the model loaded once): the
     Labeler, fed DECODED rows (images prepared by the decode tasks, or their encoded
     bytes with --decode gpu, decoded here on the model's device) and giving INFERRED
-    rows (each image's map and ncut) to the finish tasks."""
+    rows (each image's map and ncut, or its device-finished label) to the finish tasks;
+    or, given `finish_args` (finish "device" and no instances, so that only compressing
+    runs is left), the finished rows themselves (`finish_batch`), for the writer: a
+    finish task would cost more CPU per row than that work (benchmarks/README.md)."""
+
+    def __init__(self, *args, finish_args: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.finish_args = finish_args
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        inferred = self.inferred(batch)
+        return inferred if self.finish_args is None else finish_batch(inferred, **self.finish_args)
+
+    def inferred(self, batch: pa.Table) -> pa.Table:
+        """DECODED rows -> INFERRED rows; a failure of the whole batch makes its images error rows."""
         try:
             return self.infer_decoded(batch)
         except Exception as exc:  # noqa: BLE001 - the block's images become error rows, the run goes on
@@ -312,6 +330,28 @@ def finish_batch(batch: pa.Table, post: PostConfig, model_id: str, run_id: str, 
         return finish_rows(batch.drop_columns(["error"]).append_column(
             "error", pa.array([e or f"postprocess failed: {one_line(exc)}" for e in batch.column("error").to_pylist()],
                               pa.string())), post, model_id, run_id, instances)
+
+
+class ChunkInfer(Infer):
+    """The inference stage with --decode gpu: the actor reads its chunks itself (image
+    files `FETCH_THREADS` at a time), decodes them on its device and infers them (and
+    finishes them, as `Infer`). So a chunk's bytes make one hop, storage to actor, with
+    no decode tasks: such a task cost more CPU per row than fetching the bytes it carried
+    (benchmarks/README.md).
+
+    Fed chunk descriptors; yields what `decode_chunks` then `Infer` give, so the rows,
+    error rows, end rows and given-up chunks are those of the task path."""
+
+    def __init__(self, source: sources.ChunkSource, image_size: int, patch: int,
+                 errors_of_run: tuple[str, str] | None, **infer_kwargs):
+        super().__init__(**infer_kwargs)
+        self.source, self.image_size, self.patch, self.errors_of_run = source, image_size, patch, errors_of_run
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        for decoded in decode_chunks(batch, self.source, self.image_size, self.patch, errors_of_run=self.errors_of_run,
+                                     decode="gpu", per_table=max(DECODE_BATCH, self.batch_size),
+                                     fetch_threads=FETCH_THREADS):
+            yield super().__call__(decoded)
 
 
 class ChunkWriter:
@@ -554,9 +594,8 @@ def build_dataset(job: Job, pending: list[int], retry: bool = False) -> ray.data
     # than stalling its threads (measured in benchmarks/README.md, label_throughput).
     # On a GPU node decode is the stage to keep fed.
     nice = 0 if gpu else CPU_STAGE_NICE
-    # With decode "gpu" the CPU tasks only fetch bytes; the inference actor decodes them
-    # on its device (nvJPEG on a GPU, torchvision's decoder on a CPU).
     decode = opts.decode or ("gpu" if gpu else "cpu")
+    finish = opts.finish or ("device" if gpu else "cpu")
     rows, per_file, run_id = run.rows, run.rows_per_file, run.run_id
     ds = ray.data.from_items([{"chunk": k} for k in pending], override_num_blocks=min(len(pending), 10_000))
     # No task error ends a run. The stages turn what they can into error rows or given-up
@@ -566,12 +605,32 @@ def build_dataset(job: Job, pending: list[int], retry: bool = False) -> ray.data
     ds.context.max_errored_blocks = -1
     source = sources.ChunkSource(kind=run.input_kind, manifest=job.manifest, rows_per_file=per_file, total=rows,
                                  out=out, run_id=run_id, image_column=run.image_column)
-    ds = ds.map_batches(
-        decode_chunks, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"source": source, "image_size": cfg.data.image_size, "patch": patch, "nice": nice,
-                   "errors_of_run": (out, run_id) if retry else None, "decode": decode},
-        **cpu_stage,
-    )
+    errors_of_run = (out, run_id) if retry else None
+    finish_args = {"post": cfg.post, "model_id": art.model_id, "run_id": run_id,
+                   "instances": instance_config(run.instances, run.instances_from)}
+    infer_kwargs = {"model": opts.model, "model_id": art.model_id, "device": "cuda" if gpu else "cpu",
+                    "batch_size": opts.batch_size, "threads": plan.threads, "max_batch_tokens": opts.max_batch_tokens,
+                    "decode": decode, "instances": run.instances, "instances_from": run.instances_from,
+                    "finish": finish}
+    # No finish tasks when the device finishes the maps and there are no instances to
+    # refine: the inference actors give the writer its rows.
+    finish_here = finish == "device" and not run.instances
+    if finish_here:
+        infer_kwargs["finish_args"] = finish_args
+    if decode == "gpu":
+        # The inference actors read their chunks and decode them on their device (nvJPEG
+        # on a GPU, torchvision's decoder on a CPU): no decode tasks.
+        infer, infer_batch = ChunkInfer, 1
+        infer_kwargs |= {"source": source, "image_size": cfg.data.image_size, "patch": patch,
+                         "errors_of_run": errors_of_run}
+    else:
+        infer, infer_batch = Infer, opts.batch_size
+        ds = ds.map_batches(
+            decode_chunks, batch_size=1, batch_format="pyarrow",
+            fn_kwargs={"source": source, "image_size": cfg.data.image_size, "patch": patch, "nice": nice,
+                       "errors_of_run": errors_of_run, "decode": decode},
+            **cpu_stage,
+        )
     infer_resources = {"num_cpus": plan.resources["CPU"], "num_gpus": plan.resources.get("GPU", 0.0)}
     if gpu:
         pool, infer_env = ray.data.ActorPoolStrategy(size=actors), env
@@ -589,20 +648,12 @@ def build_dataset(job: Job, pending: list[int], retry: bool = False) -> ray.data
         # spinning threads slow small ops many times over when a core is busy.
         infer_env = {**env, "OMP_WAIT_POLICY": "PASSIVE"}
     ds = ds.map_batches(
-        Infer, batch_size=opts.batch_size, batch_format="pyarrow", compute=pool, **infer_resources,
-        fn_constructor_kwargs={"model": opts.model, "model_id": art.model_id, "device": "cuda" if gpu else "cpu",
-                               "batch_size": opts.batch_size, "threads": plan.threads,
-                               "max_batch_tokens": opts.max_batch_tokens, "decode": decode,
-                               "instances": run.instances, "instances_from": run.instances_from,
-                               "finish": opts.finish},
-        **({"runtime_env": {"env_vars": infer_env}} if infer_env else {}),
+        infer, batch_size=infer_batch, batch_format="pyarrow", compute=pool, **infer_resources,
+        fn_constructor_kwargs=infer_kwargs, **({"runtime_env": {"env_vars": infer_env}} if infer_env else {}),
     )
-    ds = ds.map_batches(
-        finish_batch, batch_size=16, batch_format="pyarrow",
-        fn_kwargs={"post": cfg.post, "model_id": art.model_id, "run_id": run_id, "nice": nice,
-                   "instances": instance_config(run.instances, run.instances_from)},
-        num_cpus=plan.stage_cpus, **remote,
-    )
+    if not finish_here:
+        ds = ds.map_batches(finish_batch, batch_size=16, batch_format="pyarrow", fn_kwargs={**finish_args, "nice": nice},
+                            num_cpus=plan.stage_cpus, **remote)
     return ds.map_batches(
         ErrorRetryWriter if retry else ChunkWriter, batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,

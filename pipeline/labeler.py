@@ -17,9 +17,10 @@ table"), the input's other columns kept. A bad image is an `error` row, never a 
 batch.
 
 `sempart label` runs the same class as its inference stage (`label.Infer`): there the
-CPU tasks before it decode the images (or only fetch their bytes, with --decode gpu)
-and the CPU tasks after it finish the maps (`finish_rows`), so that the actor's CPU
-time goes to the model.
+CPU tasks before it decode the images (with --decode gpu the actor reads them itself,
+`label.ChunkInfer`) and the CPU tasks after it finish the maps (`finish_rows`; with
+--finish device the actor does it on its device), so that the actor's CPU time goes to
+the model.
 """
 from __future__ import annotations
 

@@ -27,7 +27,9 @@ from __future__ import annotations
 import itertools
 import re
 import tarfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -400,7 +402,8 @@ def _preferred(ext: str, current: str) -> bool:
 
 @dataclass(frozen=True)
 class ChunkSource:
-    """How a decode task finds the images of chunk k (see the module doc)."""
+    """How a decode task (or, with --decode gpu, the inference actor) finds the images
+    of chunk k (see the module doc)."""
 
     kind: str
     manifest: str  # the run's manifest (URI)
@@ -410,7 +413,10 @@ class ChunkSource:
     run_id: str
     image_column: str | None = None  # `parquet` only
 
-    def samples(self, chunk: int) -> Iterator[Sample]:
+    def samples(self, chunk: int, fetch_threads: int = 1) -> Iterator[Sample]:
+        """The chunk's samples in manifest order. Image files are read `fetch_threads`
+        at a time (object storage answers each read after tens of ms: one reader would
+        leave a GPU waiting); shards and Parquet rows are read as one stream."""
         start = chunk * self.rows_per_file
         rows = manifests.read_manifest_slice(
             self.manifest, start, min(start + self.rows_per_file, self.total),
@@ -422,11 +428,34 @@ class ChunkSource:
         elif self.kind == PARQUET:
             yield from parquet_samples(rows, self.image_column)
         else:
-            for uri, image_id in zip(rows.column("uri").to_pylist(), rows.column("image_id").to_pylist()):
-                try:
-                    yield Sample(uri, image_id, data=read_object(uri))
-                except Exception as exc:  # noqa: BLE001 - missing, unreadable: an error row
-                    yield Sample(uri, image_id, error=exc)
+            yield from read_in_order(zip(rows.column("uri").to_pylist(), rows.column("image_id").to_pylist()),
+                                     fetch_threads)
+
+
+def read_sample(uri: str, image_id: str) -> Sample:
+    """One image file's sample; a missing or unreadable file is the sample's error."""
+    try:
+        return Sample(uri, image_id, data=read_object(uri))
+    except Exception as exc:  # noqa: BLE001 - missing, unreadable: an error row
+        return Sample(uri, image_id, error=exc)
+
+
+def read_in_order(rows: Iterator[tuple[str, str]], threads: int) -> Iterator[Sample]:
+    """`read_sample` of each (uri, image_id), in order, with up to `threads` reads in
+    flight and at most 2 x `threads` samples read ahead."""
+    if threads <= 1:
+        yield from itertools.starmap(read_sample, rows)
+        return
+    pool, ahead = ThreadPoolExecutor(threads, thread_name_prefix="sempart-fetch"), deque()
+    try:
+        for row in rows:
+            ahead.append(pool.submit(read_sample, *row))
+            if len(ahead) >= 2 * threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+    finally:  # also when the reader stops early: reads not started are dropped
+        pool.shutdown(cancel_futures=True)
 
 
 # ---------------------------------------------------------------- reading an image back

@@ -157,11 +157,13 @@ def test_every_client_rides_out_sustained_throttling(s3_endpoint: str, s3_bucket
     assert len(client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]) == 3 * CALLS // 10
 
 
+@pytest.mark.parametrize("decode", [("--decode", "cpu"), ("--decode", "gpu", "--finish", "device")], ids=["cpu", "gpu"])
 def test_label_s3_to_s3_through_faults(s3_endpoint: str, s3_bucket: str, client, ray_session, model: str,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                       monkeypatch: pytest.MonkeyPatch, decode: tuple[str, ...]) -> None:
     """Model, images and table on S3, every request through the fault proxy: the run
     ends as it would without faults (exit 1: the one undecodable image is an error row,
-    and no fault adds another), with every image exactly once."""
+    and no fault adds another), with every image exactly once. Images read by decode
+    tasks, or (--decode gpu) by the inference actor, several at a time."""
     ray_session.data.DataContext.get_current().enable_progress_bars = False
     bucket = s3_bucket.removeprefix("s3://")
     upload_folder(client, bucket, Path(model), "model")
@@ -176,7 +178,7 @@ def test_label_s3_to_s3_through_faults(s3_endpoint: str, s3_bucket: str, client,
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         result = CliRunner().invoke(app, ["label", "--model", f"{s3_bucket}/model", "--input", f"{s3_bucket}/in",
                                           "--out", f"{s3_bucket}/labels", "--rows-per-file", "5",
-                                          "--batch-size", "4", "--no-gpu"])
+                                          "--batch-size", "4", "--no-gpu", *decode])
     assert result.exit_code == 1, result.output
     assert "error 1" in result.output
     # the proxy was in the way of this run, and faults were met (seed 13 draws each kind
