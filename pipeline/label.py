@@ -94,6 +94,7 @@ DECODE_BATCH = 16  # images per table yielded by a decode task
 FETCH_THREADS = 16  # image reads in flight per inference actor that fetches its own (ChunkInfer)
 CPU_STAGE_NICE = 10  # scheduling priority of the light stages when the model runs on CPU
 CPU_BLOCK_BYTES = 2**20  # block size on CPU: a few 320 px images, so an actor task is ~one batch
+ROW_BLOCK_BYTES = 2**18  # block size with --decode gpu, where only rows flow: ~50-250 rows
 
 END_OF_CHUNK = "end of chunk"  # the error text of a chunk's end row (dropped by the writer)
 CHUNK_FAILED = -1  # chunk_rows of the end row of a chunk its decode task could not read; its error says why
@@ -647,6 +648,12 @@ def build_dataset(job: Job, pending: list[int], retry: bool = False) -> ray.data
         # OpenMP threads that sleep rather than spin when another process takes a core:
         # spinning threads slow small ops many times over when a core is busy.
         infer_env = {**env, "OMP_WAIT_POLICY": "PASSIVE"}
+    if decode == "gpu":
+        # No images flow between stages, only rows (a few KB each): small blocks bring a
+        # chunk's rows to the writer, and to the stall watchdog, as the actor makes them.
+        # Ray Data's default (128 MiB) would hold them to the chunk's end: with 100,000
+        # rows per file, minutes.
+        ds.context.target_max_block_size = ROW_BLOCK_BYTES
     ds = ds.map_batches(
         infer, batch_size=infer_batch, batch_format="pyarrow", compute=pool, **infer_resources,
         fn_constructor_kwargs=infer_kwargs, **({"runtime_env": {"env_vars": infer_env}} if infer_env else {}),

@@ -54,3 +54,27 @@ def test_each_chunk_flows_as_its_own_block(model: str, tmp_path: Path, ray_sessi
     assert sorted(r["chunk"] for b in blocks for r in b) == list(range(CHUNKS))
     assert [len(b) for b in blocks] == [1] * CHUNKS  # one written file per block, as it completes
     assert all(b[0]["rows"] == ROWS for b in blocks)
+
+
+def test_a_chunk_read_by_the_actor_reaches_the_writer_as_it_goes(model: str, tmp_path: Path, ray_session,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --decode gpu the inference actor reads a whole chunk in one call; its rows must
+    reach the writer (and the stall watchdog) in several blocks, not only at the chunk's
+    end. A smaller row block here stands for a chunk many times larger than the block."""
+    ray_session.data.DataContext.get_current().enable_progress_bars = False
+    monkeypatch.setattr(labels, "ROW_BLOCK_BYTES", 8192)  # ~20 rows of these images
+    rows = 4 * ROWS
+    write_images(tmp_path / "images", rows)
+    opts = labels.LabelOptions(model=model, input=str(tmp_path / "images"), out=str(tmp_path / "out"),
+                               rows_per_file=rows, decode="gpu", finish="device")
+    art, out = read_artifact_info(model), OutDir.at(opts.out)
+    run = labels._new_run(opts, out, art.model_id)
+    job = labels.Job(opts, out, run, art, out.manifest_of(run, opts.input), gpu=False, plan=cluster_plan(1, False),
+                     actors=1)
+    blocks = [b.to_pylist() for b in labels.build_dataset(job, [0]).iter_batches(batch_size=None,
+                                                                                    batch_format="pyarrow")]
+    taken = [b[-1]["rows"] for b in blocks]  # each writer call's progress row: the rows it took
+    assert len(blocks) > 2 and sum(taken) == rows + 1, taken  # the chunk's rows and its end row
+    files = [r for b in blocks for r in b[:-1]]
+    assert [(f["chunk"], f["rows"]) for f in files] == [(0, rows)]
+    assert len(blocks[-1]) == 2  # written once its last rows came
