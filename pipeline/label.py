@@ -94,7 +94,7 @@ DECODE_BATCH = 16  # images per table yielded by a decode task
 FETCH_THREADS = 16  # image reads in flight per inference actor that fetches its own (ChunkInfer)
 CPU_STAGE_NICE = 10  # scheduling priority of the light stages when the model runs on CPU
 CPU_BLOCK_BYTES = 2**20  # block size on CPU: a few 320 px images, so an actor task is ~one batch
-ROW_BLOCK_BYTES = 2**18  # block size with --decode gpu, where only rows flow: ~50-250 rows
+ROW_BLOCK_BYTES = 2**20  # block size with --decode gpu on a GPU, where only rows flow: ~1,000 rows
 
 END_OF_CHUNK = "end of chunk"  # the error text of a chunk's end row (dropped by the writer)
 CHUNK_FAILED = -1  # chunk_rows of the end row of a chunk its decode task could not read; its error says why
@@ -649,11 +649,14 @@ def build_dataset(job: Job, pending: list[int], retry: bool = False) -> ray.data
         # spinning threads slow small ops many times over when a core is busy.
         infer_env = {**env, "OMP_WAIT_POLICY": "PASSIVE"}
     if decode == "gpu":
-        # No images flow between stages, only rows (a few KB each): small blocks bring a
+        # No images flow between stages, only rows (~1 KB each): small blocks bring a
         # chunk's rows to the writer, and to the stall watchdog, as the actor makes them.
         # Ray Data's default (128 MiB) would hold them to the chunk's end: with 100,000
-        # rows per file, minutes.
-        ds.context.target_max_block_size = ROW_BLOCK_BYTES
+        # rows per file, minutes. Each block costs CPU in the actor, the driver and the
+        # writer (256 KiB blocks: ~0.2 CPU-ms per row more than whole chunks, measured in
+        # benchmarks/README.md), hence ~1,000 rows on a GPU, a few seconds of work; on a
+        # CPU, where a row can take a second, a quarter of that.
+        ds.context.target_max_block_size = ROW_BLOCK_BYTES if gpu else ROW_BLOCK_BYTES // 4
     ds = ds.map_batches(
         infer, batch_size=infer_batch, batch_format="pyarrow", compute=pool, **infer_resources,
         fn_constructor_kwargs=infer_kwargs, **({"runtime_env": {"env_vars": infer_env}} if infer_env else {}),

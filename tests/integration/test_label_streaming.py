@@ -62,7 +62,7 @@ def test_a_chunk_read_by_the_actor_reaches_the_writer_as_it_goes(model: str, tmp
     reach the writer (and the stall watchdog) in several blocks, not only at the chunk's
     end. A smaller row block here stands for a chunk many times larger than the block."""
     ray_session.data.DataContext.get_current().enable_progress_bars = False
-    monkeypatch.setattr(labels, "ROW_BLOCK_BYTES", 8192)  # ~20 rows of these images
+    monkeypatch.setattr(labels, "ROW_BLOCK_BYTES", 4 * 8192)  # a quarter of it on CPU: ~20 rows of these images
     rows = 4 * ROWS
     write_images(tmp_path / "images", rows)
     opts = labels.LabelOptions(model=model, input=str(tmp_path / "images"), out=str(tmp_path / "out"),
