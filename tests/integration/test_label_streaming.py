@@ -1,5 +1,6 @@
 """`sempart label` streams chunk by chunk: every chunk is its own decode task and reaches
-the writer as its own block.
+the writer as its own block; with --decode gpu, where the inference actor reads a whole
+chunk, the chunk's rows reach the writer in several blocks as the actor makes them.
 
 Regression: with fetch and decode as two fused Ray Data stages, Ray gave each task as
 many chunk indices as the larger batch size of the two (16), so a 20,000-image run moved

@@ -3,6 +3,7 @@ reading its own chunks with --decode gpu) come back in manifest order, a missing
 as that sample's error, and a reader that stops early does not wait for the rest."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from pipeline.sources import read_in_order
@@ -33,4 +34,6 @@ def test_threads_read_in_order_with_errors(tmp_path: Path) -> None:
 def test_a_reader_that_stops_early(tmp_path: Path) -> None:
     samples = read_in_order(iter(files(tmp_path, 1000)), 4)
     assert next(samples).image_id == "id0"
+    assert any(t.name.startswith("sempart-fetch") for t in threading.enumerate())
     samples.close()  # the pool shuts down, reads not started are dropped
+    assert not any(t.name.startswith("sempart-fetch") for t in threading.enumerate())
