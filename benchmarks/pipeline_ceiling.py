@@ -257,7 +257,7 @@ def sempart_label(label_args: list[str], out: Path, interval: float = 0.5, attem
 
 
 def label_end_to_end(args: argparse.Namespace, n: int, model: Path) -> dict:
-    """`sempart label` of `n` images with the stand-in model in mode `--decode`; its
+    """`sempart label` of `n` images with the stand-in model, `--decode` and `--finish` as given; its
     rows/s, the CPU seconds of its process tree in all and until its first rows reached
     the writer (start-up: Ray, the actors' imports and model load, the first blocks)."""
     folder = image_folder(args.work, n)
